@@ -1,0 +1,146 @@
+"""Checkpoint files: atomic writes, safe loads, RNG capture.
+
+A checkpoint is a plain dict of tensors and primitives, so it loads with
+`torch.load(weights_only=True)`: no code inside a file can run on load.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer.errors import CheckpointError
+
+FORMAT_VERSION = 1
+# Wrappers add these to parameter names: DDP (`module.`) and torch.compile (`_orig_mod.`).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`.
+
+    A crash at any point leaves either the old file or the new one, never a
+    half-written file under the final name.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # makes the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; check ckpt_path")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"checkpoint {path} holds objects other than tensors and plain data, so it was "
+            f"refused unread (nothing in it ran): {str(e).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): "
+            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint written by this trainer")
+    version = state.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format {version}, newer than this version's "
+            f"{FORMAT_VERSION}; upgrade the trainer package to load it"
+        )
+    return state
+
+
+def unwrapped_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip DDP / torch.compile prefixes so checkpoints move between setups."""
+    clean = {}
+    for key, value in state_dict.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while key.startswith(prefix):
+                key = key[len(prefix) :]
+        clean[key] = value
+    return clean
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, or fail naming every missing, unexpected or mis-shaped key."""
+    state_dict = unwrapped_state_dict(state_dict)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    mismatched = [
+        f"{k} (checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)})"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        ):
+            if keys:
+                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                parts.append(f"{label}: {shown}")
+        raise CheckpointError(
+            f"{source} does not fit this model ({'; '.join(parts)}); was it made with "
+            "another model or data config?"
+        )
+    model.load_state_dict(state_dict)
+
+
+def capture_rng() -> dict[str, Any]:
+    import numpy as np
+
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        # numpy's state holds an ndarray, which weights_only refuses: store it as a tensor.
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    random.setstate(_as_tuple(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype("uint32"), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    # Python's random state must be nested tuples; keep it so after any round trip.
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value

@@ -1,0 +1,59 @@
+"""Console entry points: `trainer-train` / `python train.py` and `trainer-eval` / `python eval.py`.
+
+User errors (bad config, missing data, unusable checkpoint) print one
+`error: ...` line to stderr and exit with code 2; bugs keep their traceback.
+Set HYDRA_FULL_ERROR=1 to see the full trace of a user error too.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+import hydra
+from omegaconf import DictConfig
+
+from trainer.config import register_configs
+from trainer.errors import UserError
+
+STARTED = time.time()
+CONFIG_PATH = "pkg://trainer.configs"
+EXIT_USER_ERROR = 2
+
+register_configs()
+
+
+def _report_user_errors(run):
+    """Run `run()`; turn a UserError into one stderr line and exit code 2."""
+    try:
+        return run()
+    except UserError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        logging.getLogger("trainer").debug("user error", exc_info=True)
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+def _train(cfg: DictConfig) -> float | None:
+    from trainer.run import train
+
+    return _report_user_errors(lambda: train(cfg, started=STARTED))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+def _eval(cfg: DictConfig) -> dict[str, float]:
+    from trainer.evaluate import evaluate
+
+    return _report_user_errors(lambda: evaluate(cfg))
+
+
+def train_main() -> None:
+    _train()
+
+
+def eval_main() -> None:
+    _eval()

@@ -1,0 +1,1 @@
+"""Datasets for the `data` config group: verified files, decoded once, batched on the device."""

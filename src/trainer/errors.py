@@ -1,0 +1,21 @@
+"""User-facing errors: anything the user can fix by changing input.
+
+The CLI prints these as one `error: ...` line and exits with code 2; anything
+else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """Bad input that the user can fix: config, data, checkpoint, device."""
+
+
+class ConfigError(UserError):
+    """A config value is missing, misspelled or out of range."""
+
+
+class DataError(UserError):
+    """Dataset files are missing, corrupt or cannot be fetched."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, corrupt, unsafe or does not fit the model."""

@@ -1,0 +1,59 @@
+"""`evaluate(cfg)`: score a checkpoint on the test (or val) split.
+
+The model and data configs come from the checkpoint itself, so
+`python eval.py ckpt_path=...` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    import torch
+
+    from trainer.checkpoint import load_checkpoint, load_model_state
+    from trainer.runtime import check_precision, select_device
+    from trainer.trainer import AUTOCAST_DTYPES, evaluate_model
+
+    if cfg.split not in ("test", "val"):
+        raise ConfigError(f"split={cfg.split!r} must be test or val")
+    device = select_device(cfg.trainer.accelerator)
+    precision = str(cfg.trainer.precision)
+    check_precision(precision, device)
+    state = load_checkpoint(cfg.ckpt_path, device)
+    saved = state.get("config")
+    if not saved or "model" not in saved or "data" not in saved:
+        raise CheckpointError(f"{cfg.ckpt_path} does not record the config it was trained with")
+    saved = OmegaConf.create(saved)
+    data_cfg = cfg.data if cfg.data is not None else saved.data
+    model = instantiate(saved.model, _convert_="all").to(device)
+    load_model_state(model, state["model"], str(cfg.ckpt_path))
+    data = instantiate(data_cfg, _convert_="all")
+    data.setup(device)
+    dtype = AUTOCAST_DTYPES[precision]
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
+    metrics = evaluate_model(
+        model,
+        data.batches(cfg.split),
+        instantiate(saved.loss, _convert_="all"),
+        cfg.split,
+        **({"autocast": autocast} if autocast else {}),
+    )
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    record = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "metrics": metrics}
+    (output_dir / "eval_results.json").write_text(json.dumps(record, indent=2) + "\n")
+    for name, value in metrics.items():
+        print(f"{name}: {value:.4f}")
+    log.info("evaluated %s: %s", cfg.ckpt_path, json.dumps(metrics))
+    return metrics

@@ -1,0 +1,1 @@
+"""Models for the `model` config group; pick one with `model=<name>`."""

@@ -1,0 +1,57 @@
+"""Process-level setup: device choice, seeding, determinism."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+from trainer.errors import ConfigError
+
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+
+
+def select_device(accelerator: str) -> torch.device:
+    """auto picks cuda > mps > cpu; an explicit choice that is not there is an error."""
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}"
+        )
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if accelerator == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if accelerator == "cuda" and not cuda:
+        raise ConfigError(
+            "trainer.accelerator=cuda but no CUDA GPU is visible to PyTorch; "
+            "use trainer.accelerator=auto or cpu"
+        )
+    if accelerator == "mps" and not mps:
+        raise ConfigError(
+            "trainer.accelerator=mps but MPS is not available; use trainer.accelerator=auto or cpu"
+        )
+    return torch.device(accelerator)
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision not in ("32", "bf16", "fp16"):
+        raise ConfigError(f"trainer.precision={precision!r} must be one of 32, bf16, fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"trainer.precision=fp16 needs a CUDA GPU but the device is {device.type}; "
+            "use trainer.precision=bf16 or 32"
+        )
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # seeds every CUDA device too
+    if deterministic:
+        # cuBLAS needs this set before its first use to be deterministic.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
