@@ -106,7 +106,9 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
             ("shape mismatch", mismatched),
         ):
             if keys:
-                shown = ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                shown = ", ".join(keys[:5]) + (
+                    f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+                )
                 parts.append(f"{label}: {shown}")
         raise CheckpointError(
             f"{source} does not fit this model ({'; '.join(parts)}); was it made with "

@@ -42,7 +42,8 @@ class TrainerConfig:
     monitor: str = "val/acc"
     monitor_mode: str = "max"  # max | min
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    stop_at: str | None = None  # e.g. "val/acc>=0.985"
+    # Stop once the monitored metric reaches this value (>= for max, <= for min).
+    stop_at: float | None = None
     test_after_fit: bool = True
 
 

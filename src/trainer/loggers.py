@@ -50,7 +50,9 @@ class TensorBoardLogger:
         """
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-        clean = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()}
+        clean = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in hparams.items()
+        }
         experiment, start, end = hparams_summary(clean, metrics)
         file_writer = self.writer._get_file_writer()
         for summary in (experiment, start, end):

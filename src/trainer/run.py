@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
-    import torch
 
     from trainer.optim import build_optimizer
     from trainer.runtime import check_precision, seed_everything, select_device
@@ -135,7 +134,9 @@ def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(f"optimized_metric={name!r} is not a result; choose one of {sorted(metrics)}")
+        raise ConfigError(
+            f"optimized_metric={name!r} is not a result; choose one of {sorted(metrics)}"
+        )
     return metrics[name]
 
 

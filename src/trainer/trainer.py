@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import operator
 import sys
 import time
 from pathlib import Path
@@ -35,19 +34,6 @@ from trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_COMPARE = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
-
-
-def parse_stop_at(expr: str) -> tuple[str, Any, float]:
-    """'val/acc>=0.985' -> ('val/acc', operator.ge, 0.985)."""
-    for symbol in (">=", "<=", ">", "<"):
-        name, sep, value = expr.partition(symbol)
-        if sep:
-            try:
-                return name.strip(), _COMPARE[symbol], float(value)
-            except ValueError:
-                break
-    raise ConfigError(f"trainer.stop_at={expr!r} must look like 'val/acc>=0.985'")
 
 
 @torch.inference_mode()
@@ -112,7 +98,6 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self.accumulate = cfg.accumulate_grad_batches
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.stop_at = parse_stop_at(cfg.stop_at) if cfg.stop_at else None
         self.maximize = cfg.monitor_mode == "max"
         # Position and history: everything a checkpoint must carry to continue exactly.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
@@ -193,9 +178,12 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self._lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
+        if self.global_step == 1:
+            log.info("first optimizer step done")
 
     # ------------------------------------------------------------- metrics
     def _reset_train_meters(self) -> None:
@@ -207,7 +195,7 @@ class Trainer:
         """The one host sync of a logging interval."""
         loss = (self._loss_sum / self._loss_batches).item()
         rate = self._samples / max(time.perf_counter() - self._meter_started, 1e-9)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self._lr
         self._log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate})
         if bar.disable:
             log.info(
@@ -265,14 +253,13 @@ class Trainer:
         patience = self.cfg.early_stopping.patience
         if patience is not None and self.bad_validations >= patience:
             self.stop_reason = "early_stopping"
-            log.info("early stopping: %s did not improve for %d validations", self.cfg.monitor, patience)
-        if self.stop_at:
-            name, compare, target = self.stop_at
-            if name not in metrics:
-                raise ConfigError(f"trainer.stop_at names {name!r}; choose one of {sorted(metrics)}")
-            if compare(metrics[name], target):
-                self.stop_reason = "stop_at"
-                log.info("stop_at reached: %s=%.4f (%s)", name, metrics[name], self.cfg.stop_at)
+            log.info(
+                "early stopping: %s did not improve for %d validations", self.cfg.monitor, patience
+            )
+        target = self.cfg.stop_at
+        if target is not None and (value >= target if self.maximize else value <= target):
+            self.stop_reason = "stop_at"
+            log.info("stop_at reached: %s=%.4f (target %s)", self.cfg.monitor, value, target)
 
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""

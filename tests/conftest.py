@@ -1,0 +1,63 @@
+"""Shared fixtures: the real datasets and configs composed through Hydra's compose API."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig
+
+from trainer.config import register_configs
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("TRAINER_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
+
+register_configs()
+
+
+def require_data() -> Path:
+    if not (DATA_DIR / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real datasets not found at {DATA_DIR}; set TRAINER_DATA_DIR")
+    return DATA_DIR
+
+
+def compose_config(
+    overrides: list[str], output_dir: Path | None = None, config_name: str = "train"
+) -> DictConfig:
+    """Compose a real config; paths point at the shared data and a temp output dir."""
+    base = [f"paths.data_dir={DATA_DIR}"]
+    if output_dir is not None:
+        base.append(f"paths.output_dir={output_dir}")
+    with initialize_config_module("trainer.configs", version_base="1.3"):
+        return compose(config_name, overrides=base + list(overrides))
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    require_data()
+
+    def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
+        return compose_config(list(overrides), output_dir or tmp_path / "run")
+
+    return _make
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command as a user would, with the data dir taken from the environment."""
+    full_env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR), **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, *args] if args[0].endswith(".py") else args,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
