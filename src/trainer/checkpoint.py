@@ -56,9 +56,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is a long essay; the line naming the offending global is the news.
+        lines = str(e).splitlines() or [""]
+        detail = next((ln.strip() for ln in lines if "global" in ln.lower()), lines[0])
         raise CheckpointError(
             f"checkpoint {path} holds objects other than tensors and plain data, so it was "
-            f"refused unread (nothing in it ran): {str(e).splitlines()[0]}"
+            f"refused unread (nothing in it ran): {detail}"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(

@@ -1,0 +1,99 @@
+"""The entry points as a user runs them: train.py, eval.py, -m sweeps, console scripts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, require_data, run_cli
+
+TINY = ["model.hidden_sizes=[32]", "trainer.max_epochs=1", "trainer.limit_train_batches=20"]
+
+
+def test_train_then_eval_from_checkpoint(tmp_path: Path) -> None:
+    require_data()
+    run_dir = tmp_path / "run"
+    done = run_cli([str(REPO / "train.py"), *TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (run_dir / "train.log").read_text().count("first optimizer step done") == 1
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    eval_dir = tmp_path / "eval"
+    ckpt = run_dir / "checkpoints" / "best.pt"
+    done = run_cli(
+        [str(REPO / "eval.py"), f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}"], cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"test/acc: {results['metrics']['test/acc']:.4f}" in done.stdout
+    recorded = json.loads((eval_dir / "eval_results.json").read_text())
+    assert recorded["metrics"]["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
+
+
+def test_multirun_sweep_gives_one_folder_per_job(tmp_path: Path) -> None:
+    require_data()
+    done = run_cli(
+        [str(REPO / "train.py"), "-m", "optimizer.lr=1e-3,3e-3", *TINY, "hydra.sweep.dir=sweep"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name != ".hydra")
+    assert len(jobs) == 2
+    lrs = set()
+    for job in jobs:
+        results = json.loads((job / "results.json").read_text())
+        lrs.update(o for o in results["overrides"] if o.startswith("optimizer.lr="))
+        events = list((job / "tensorboard").glob("events.out.tfevents.*"))
+        assert len(events) == 1
+        assert b"_hparams_/session_start_info" in events[0].read_bytes()
+    assert lrs == {"optimizer.lr=0.001", "optimizer.lr=0.003"}
+
+
+def test_default_layout_outputs_date_time(tmp_path: Path) -> None:
+    require_data()
+    done = run_cli([str(REPO / "train.py"), "trainer=debug", "logger=none"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = list((tmp_path / "outputs").glob("*/*"))
+    assert (run_dir / "results.json").is_file()
+    assert len(run_dir.parent.name) == len("2026-01-01") and len(run_dir.name) == len("12-00-00")
+
+
+@pytest.mark.slow
+def test_console_scripts_work_from_a_non_editable_install(tmp_path: Path) -> None:
+    """A wheel install has no configs/ folder beside it: the packaged configs must be found."""
+    require_data()
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheel_dir, REPO],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheel_dir.glob("trainer-*.whl")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", site, wheel],
+        check=True,
+        capture_output=True,
+    )
+    env = {"PYTHONPATH": str(site), "PATH": f"{site / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    done = run_cli(["trainer-train", *TINY, "logger=none", "hydra.run.dir=run"], cwd=work, env=env)
+    assert done.returncode == 0, done.stderr
+    ckpt = work / "run" / "checkpoints" / "best.pt"
+    done = run_cli(["trainer-eval", f"ckpt_path={ckpt}", "hydra.run.dir=ev"], cwd=work, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "test/acc:" in done.stdout
+    # The installed copy, not the source tree, was imported.
+    check = subprocess.run(
+        [sys.executable, "-c", "import trainer.configs as c; print(c.__file__)"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        cwd=work,
+    )
+    assert check.stdout.startswith(str(site))
