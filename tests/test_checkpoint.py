@@ -9,6 +9,7 @@ import torch
 
 from trainer.checkpoint import (
     capture_rng,
+    link_checkpoint,
     load_checkpoint,
     load_model_state,
     restore_rng,
@@ -89,3 +90,12 @@ def test_rng_round_trip_through_weights_only(tmp_path) -> None:
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), np.random.rand()) == expected[:2]
     assert torch.equal(torch.rand(1), expected[2])
+
+
+def test_linked_checkpoints_change_independently(tmp_path) -> None:
+    save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "best.pt")
+    link_checkpoint(tmp_path / "best.pt", tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "last.pt")["model"]["w"], torch.ones(2))
+    save_checkpoint({"model": {"w": torch.zeros(2)}}, tmp_path / "last.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "best.pt")["model"]["w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "last.pt"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -47,6 +48,22 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         os.fsync(dir_fd)  # makes the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def link_checkpoint(source: str | Path, path: str | Path) -> None:
+    """Atomically make `path` another name for the finished file `source`.
+
+    A later save to either name replaces that name only (rename makes a new
+    inode), so the two never change together. Copies where links are unsupported.
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.with_name(f".{path.name}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

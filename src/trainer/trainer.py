@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from trainer.checkpoint import (
     capture_rng,
+    link_checkpoint,
     load_checkpoint,
     load_model_state,
     restore_rng,
@@ -106,7 +107,7 @@ class Trainer:
         self.best_epoch, self.best_step, self.bad_validations = -1, -1, 0
         self.stop_reason: str | None = None
         self.last_val: dict[str, float] = {}
-        self._validated_at_step = -1
+        self._validated_at_step = self._best_saved_at = -1
         self._reset_train_meters()
 
     # ----------------------------------------------------------------- fit
@@ -318,4 +319,11 @@ class Trainer:
             return
         if name == "last" and not self.checkpoint_cfg.save_last:
             return
-        save_checkpoint(self.state_dict(), self.checkpoint_dir / f"{name}.pt")
+        path = self.checkpoint_dir / f"{name}.pt"
+        if name == "last" and self._best_saved_at == self.global_step:
+            # best.pt already holds this exact state: share the file instead of writing it twice.
+            link_checkpoint(self.checkpoint_dir / "best.pt", path)
+        else:
+            save_checkpoint(self.state_dict(), path)
+        if name == "best":
+            self._best_saved_at = self.global_step
