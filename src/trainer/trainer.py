@@ -150,7 +150,7 @@ class Trainer:
             with self.autocast():
                 logits = self.forward_model(x)
                 loss = self.loss_fn(logits, y)
-            self.scaler.scale(loss / self.accumulate).backward()
+            self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
             self.batch_in_epoch += 1
             self._loss_sum += loss.detach()
             self._loss_batches += 1
