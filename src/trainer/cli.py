@@ -56,7 +56,26 @@ def _eval(cfg: DictConfig) -> dict[str, float]:
 
 
 def train_main() -> None:
+    _give_non_main_ranks_a_scratch_dir()
     _train()
+
+
+def _give_non_main_ranks_a_scratch_dir() -> None:
+    """Under torchrun every rank runs this script; only rank 0 may own the run folder.
+
+    Each rank's Hydra would otherwise make its own `outputs/<date>/<time>` (the
+    seconds can differ); the others get a scratch folder and learn rank 0's
+    folder after joining the process group.
+    """
+    import atexit
+    import shutil
+    import tempfile
+
+    if os.environ.get("RANK", "0") == "0" or "LOCAL_RANK" not in os.environ:
+        return
+    scratch = tempfile.mkdtemp(prefix=f"trainer-rank{os.environ['RANK']}-")
+    atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
 
 
 def eval_main() -> None:

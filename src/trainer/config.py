@@ -25,7 +25,10 @@ class EarlyStoppingConfig:
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"  # auto | cpu | cuda | mps
+    # Processes on this node: > 1 spawns them unless launched by torchrun.
     devices: int = 1
+    # A collective waiting longer than this (a dead peer) fails instead of hanging.
+    dist_timeout_s: float = 300.0
     precision: str = "32"  # 32 | bf16 | fp16 (fp16 needs CUDA)
     max_epochs: int | None = 10
     max_steps: int | None = None

@@ -21,25 +21,64 @@ from trainer.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig, started: float | None = None) -> float | None:
-    """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
+def train(
+    cfg: DictConfig, started: float | None = None, overrides: list[str] | None = None
+) -> float | None:
+    """Run training as configured; returns `cfg.optimized_metric` for sweepers.
 
-    from trainer.optim import build_optimizer
-    from trainer.runtime import check_precision, seed_everything, select_device
-    from trainer.trainer import Trainer
+    `trainer.devices=N` outside torchrun spawns N workers that each call this
+    function again as one rank of a process group.
+    """
+    import torch
+
+    from trainer.distributed import (
+        SINGLE,
+        destroy_process_group,
+        init_process_group,
+        launched_by_torchrun,
+    )
+    from trainer.runtime import select_device
 
     started = started or time.time()
-    output_dir = Path(cfg.paths.output_dir)
+    overrides = task_overrides() if overrides is None else overrides
     check_trainer_config(cfg.trainer)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = select_device(cfg.trainer.accelerator)
+    if cfg.trainer.devices > 1 and not launched_by_torchrun():
+        return _spawn_workers(cfg, device, started, overrides)
+    ctx = SINGLE
+    if launched_by_torchrun():
+        ctx = init_process_group(device.type, cfg.trainer.dist_timeout_s)
+        if device.type == "cuda":
+            device = torch.device("cuda", ctx.local_rank)
+        if not ctx.is_main:
+            logging.getLogger().setLevel(logging.WARNING)
+    try:
+        return _train(cfg, ctx, device, started, overrides)
+    finally:
+        destroy_process_group()
+
+
+def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -> float | None:
+    from trainer.distributed import broadcast_object
+    from trainer.optim import build_optimizer
+    from trainer.runtime import check_precision, seed_everything
+    from trainer.trainer import Trainer
+
+    # Rank 0's Hydra folder is the run folder of every rank.
+    output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
+    # Same weights everywhere (DDP also broadcasts them), different dropout per rank.
+    seed_everything(cfg.seed + ctx.rank, cfg.trainer.deterministic)
     check_precision(str(cfg.trainer.precision), device)
 
     data = instantiate(cfg.data, _convert_="all")
     data.setup(device)
     model = instantiate(cfg.model, _convert_="all").to(device)
     loss_fn = instantiate(cfg.loss, _convert_="all")
-    train_batches = len(data.batches("train", limit_batches=cfg.trainer.limit_train_batches))
+    train_batches = len(
+        data.batches(
+            "train", limit_batches=cfg.trainer.limit_train_batches, world_size=ctx.world_size
+        )
+    )
     if train_batches == 0:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is larger than the training set; lower it"
@@ -58,7 +97,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
             optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
         )
     logger = None
-    if cfg.logger.get("_target_"):
+    if cfg.logger.get("_target_") and ctx.is_main:
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
         logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
 
@@ -76,6 +115,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         checkpoint_cfg=cfg.checkpoint,
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        dist=ctx,
     )
     if cfg.ckpt_path:
         trainer.resume(cfg.ckpt_path)
@@ -103,15 +143,57 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         "stop_reason": fit["stop_reason"],
         "fit_time_s": round(fit["fit_time_s"], 3),
         "wall_time_s": round(time.time() - started, 3),
-        "overrides": task_overrides(),
+        "overrides": overrides,
+        "world_size": ctx.world_size,
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     if logger is not None:
-        logger.log_hparams(hparams(cfg), {k: v for k, v in results["metrics"].items()})
+        logger.log_hparams(hparams(cfg, overrides), dict(results["metrics"]))
         logger.close()
     log.info("results: %s", json.dumps(results["metrics"]))
     return optimized_value(cfg, results["metrics"])
+
+
+def _spawn_workers(cfg: DictConfig, device, started: float, overrides: list[str]) -> float | None:
+    """Run this job as `trainer.devices` spawned ranks; rank 0 writes the results."""
+    import torch
+
+    from trainer.distributed import spawn
+
+    devices = cfg.trainer.devices
+    if device.type == "cuda" and devices > torch.cuda.device_count():
+        raise ConfigError(
+            f"trainer.devices={devices} but only {torch.cuda.device_count()} GPU(s) are visible; "
+            "lower trainer.devices"
+        )
+    if device.type == "mps":
+        raise ConfigError("trainer.devices > 1 is not supported on mps; use trainer.devices=1")
+    container = OmegaConf.to_container(cfg, resolve=True)
+    output_dir = Path(container["paths"]["output_dir"])
+    results_file = output_dir / "results.json"
+    results_file.unlink(missing_ok=True)
+    log.info("spawning %d workers (%s)", devices, "nccl" if device.type == "cuda" else "gloo")
+    spawn(_worker, devices, args=(container, started, _job_log_file(), overrides))
+    return optimized_value(cfg, json.loads(results_file.read_text())["metrics"])
+
+
+def _worker(container: dict, started: float, log_file: str | None, overrides: list[str]) -> None:
+    import os
+
+    from trainer.distributed import configure_worker_logging
+
+    configure_worker_logging(log_file, is_main=os.environ.get("RANK") == "0")
+    train(OmegaConf.create(container), started, overrides)
+
+
+def _job_log_file() -> str | None:
+    """The file Hydra's job logging writes to, for spawned rank 0 to append to."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            return handler.baseFilename
+    return None
 
 
 def check_trainer_config(trainer_cfg: Any) -> None:
@@ -125,6 +207,8 @@ def check_trainer_config(trainer_cfg: Any) -> None:
         raise ConfigError(
             f"trainer.accumulate_grad_batches={trainer_cfg.accumulate_grad_batches} must be >= 1"
         )
+    if trainer_cfg.devices < 1:
+        raise ConfigError(f"trainer.devices={trainer_cfg.devices} must be >= 1")
     if trainer_cfg.monitor_mode not in ("max", "min"):
         raise ConfigError(f"trainer.monitor_mode={trainer_cfg.monitor_mode!r} must be max or min")
 
@@ -149,7 +233,7 @@ def task_overrides() -> list[str]:
     return list(HydraConfig.get().overrides.task)
 
 
-def hparams(cfg: DictConfig) -> dict[str, Any]:
+def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The overrides, flattened, plus the few settings every run should show."""
     values: dict[str, Any] = {
         "model": cfg.model._target_.rsplit(".", 1)[-1],
@@ -159,7 +243,7 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
         "data.batch_size": cfg.data.batch_size,
         "seed": cfg.seed,
     }
-    for override in task_overrides():
+    for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
         if not key.startswith("hydra.") and not key.startswith("paths."):
             values[key] = _parse_scalar(value)

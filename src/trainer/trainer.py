@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from trainer.checkpoint import (
@@ -30,7 +31,15 @@ from trainer.checkpoint import (
     save_checkpoint,
     unwrapped_state_dict,
 )
-from trainer.errors import ConfigError
+from trainer.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_sum,
+    barrier,
+    broadcast_model,
+    gather_rng_states,
+)
+from trainer.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +53,26 @@ def evaluate_model(
     loss_fn: nn.Module,
     prefix: str,
     autocast: Any = contextlib.nullcontext,
+    dist: DistContext = SINGLE,
 ) -> dict[str, float]:
-    """Mean loss and accuracy over `batches`, summed on the device and read back once."""
+    """Mean loss and accuracy over `batches`, summed on the device and read back once.
+
+    Under torch.distributed each rank scores its shard and the sums are
+    all-reduced, so the result equals a single-process evaluation.
+    """
     model.eval()
-    loss_sum, correct, count = None, None, 0
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
     for x, y in batches.epoch(0):
         with autocast():
             logits = model(x)
             batch_loss = loss_fn(logits, y).float() * len(y)
-        batch_correct = (logits.argmax(dim=1) == y).sum()
-        loss_sum = batch_loss if loss_sum is None else loss_sum + batch_loss
-        correct = batch_correct if correct is None else correct + batch_correct
-        count += len(y)
+        totals[0] += batch_loss
+        totals[1] += (logits.argmax(dim=1) == y).sum()
+        totals[2] += len(y)
+    loss_total, correct_total, count = all_reduce_sum(totals, dist).tolist()
     if count == 0:
         return {f"{prefix}/loss": math.nan, f"{prefix}/acc": math.nan}
-    loss_total, correct_total = torch.stack([loss_sum, correct.to(loss_sum.dtype)]).tolist()
     return {f"{prefix}/loss": loss_total / count, f"{prefix}/acc": correct_total / count}
 
 
@@ -78,19 +92,29 @@ class Trainer:
         checkpoint_cfg: Any = None,
         seed: int = 0,
         run_config: dict | None = None,
+        dist: DistContext = SINGLE,
     ) -> None:
-        self.cfg, self.device, self.max_steps = cfg, device, max_steps
+        self.cfg, self.device, self.max_steps, self.dist = cfg, device, max_steps, dist
         self.model = model
-        self.forward_model = torch.compile(model) if cfg.compile else model
+        # DDP averages gradients across ranks in backward; compile wraps the outside.
+        self.ddp = DistributedDataParallel(model) if dist.enabled else None
+        wrapped = self.ddp or model
+        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.logger, self.run_config = logger, run_config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_cfg = checkpoint_cfg
-        self.train_batches = data.batches("train", seed=seed, limit_batches=cfg.limit_train_batches)
-        self.val_batches = (
-            data.batches("val", limit_batches=cfg.limit_val_batches) if data.val_size else None
+        shard = {"rank": dist.rank, "world_size": dist.world_size}
+        self.train_batches = data.batches(
+            "train", seed=seed, limit_batches=cfg.limit_train_batches, **shard
         )
-        self.test_batches = data.batches("test")
+        self.val_batches = (
+            data.batches("val", limit_batches=cfg.limit_val_batches, **shard)
+            if data.val_size
+            else None
+        )
+        self.test_batches = data.batches("test", **shard)
+        self.global_batch = data.batch_size * dist.world_size
         dtype = AUTOCAST_DTYPES[str(cfg.precision)]
         self.autocast = (
             (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
@@ -142,22 +166,28 @@ class Trainer:
             total=len(batches),
             initial=self.batch_in_epoch,
             desc=f"epoch {self.epoch}",
-            disable=not (self.cfg.progress_bar and sys.stderr.isatty()),
+            disable=not (self.cfg.progress_bar and self.dist.is_main and sys.stderr.isatty()),
             dynamic_ncols=True,
             leave=False,
         )
         for x, y in batches.epoch(self.epoch, self.batch_in_epoch):
-            with self.autocast():
-                logits = self.forward_model(x)
-                loss = self.loss_fn(logits, y)
-            self.scaler.scale(loss / self.accumulate if self.accumulate > 1 else loss).backward()
             self.batch_in_epoch += 1
+            last_of_epoch = self.batch_in_epoch == len(batches)
+            stepping = self.batch_in_epoch % self.accumulate == 0 or last_of_epoch
+            # Accumulating micro-batches skip DDP's gradient all-reduce; the stepping one syncs.
+            sync = self.ddp.no_sync() if self.ddp and not stepping else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    logits = self.forward_model(x)
+                    loss = self.loss_fn(logits, y)
+                self.scaler.scale(
+                    loss / self.accumulate if self.accumulate > 1 else loss
+                ).backward()
             self._loss_sum += loss.detach()
             self._loss_batches += 1
             self._samples += len(y)
             bar.update(1)
-            last_of_epoch = self.batch_in_epoch == len(batches)
-            if self.batch_in_epoch % self.accumulate and not last_of_epoch:
+            if not stepping:
                 continue
             self._optimizer_step()
             if self.global_step % self.cfg.log_every_n_steps == 0:
@@ -194,8 +224,10 @@ class Trainer:
 
     def _log_train(self, bar: tqdm) -> None:
         """The one host sync of a logging interval."""
-        loss = (self._loss_sum / self._loss_batches).item()
-        rate = self._samples / max(time.perf_counter() - self._meter_started, 1e-9)
+        mean_loss = all_reduce_sum(self._loss_sum / self._loss_batches, self.dist)
+        loss = mean_loss.item() / self.dist.world_size
+        elapsed = max(time.perf_counter() - self._meter_started, 1e-9)
+        rate = self._samples * self.dist.world_size / elapsed
         lr = self._lr
         self._log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate})
         if bar.disable:
@@ -218,7 +250,9 @@ class Trainer:
             self.logger.log_metrics(metrics, self.global_step)
 
     def evaluate(self, batches: Any, prefix: str) -> dict[str, float]:
-        return evaluate_model(self.forward_model, batches, self.loss_fn, prefix, self.autocast)
+        return evaluate_model(
+            self.forward_model, batches, self.loss_fn, prefix, self.autocast, self.dist
+        )
 
     # ---------------------------------------------------------- validation
     def _validate(self) -> None:
@@ -265,8 +299,9 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""
         best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
-        if best is not None and best.is_file():
+        if best is not None and best.is_file() and self.dist.is_main:
             load_model_state(self.model, load_checkpoint(best, self.device)["model"], str(best))
+        broadcast_model(self.model, self.dist)  # no shared filesystem needed across nodes
         metrics = self.evaluate(self.test_batches, "test")
         self._log(metrics)
         log.info("test: %s", " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -282,7 +317,10 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "global_step": self.global_step,
-            "rng": capture_rng(),
+            # Every rank's RNG (dropout masks differ per rank), gathered for exact resume.
+            "rng": gather_rng_states(capture_rng(), self.dist),
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
             "trainer": {
                 "best_value": self.best_value,
                 "best_metrics": self.best_metrics,
@@ -295,6 +333,14 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
+        saved_batch = state.get("global_batch", self.global_batch)
+        if saved_batch != self.global_batch:
+            raise CheckpointError(
+                f"{source} was trained with a global batch of {saved_batch} "
+                f"({state.get('world_size', 1)} process(es)); this run has {self.global_batch} "
+                f"({self.dist.world_size} x data.batch_size={self.global_batch // self.dist.world_size}). "
+                "Set data.batch_size so that world size x batch size matches to resume exactly"
+            )
         load_model_state(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
@@ -303,7 +349,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
         self.global_step = state["global_step"]
-        restore_rng(state["rng"])
+        rng = state["rng"]
+        restore_rng(rng[self.dist.rank] if isinstance(rng, list) else rng)
         history = state["trainer"]
         self.best_value, self.best_epoch = history["best_value"], history["best_epoch"]
         self.best_step, self.bad_validations = history["best_step"], history["bad_validations"]
@@ -322,8 +369,12 @@ class Trainer:
         path = self.checkpoint_dir / f"{name}.pt"
         if name == "last" and self._best_saved_at == self.global_step:
             # best.pt already holds this exact state: share the file instead of writing it twice.
-            link_checkpoint(self.checkpoint_dir / "best.pt", path)
+            if self.dist.is_main:
+                link_checkpoint(self.checkpoint_dir / "best.pt", path)
         else:
-            save_checkpoint(self.state_dict(), path)
+            state = self.state_dict()
+            if self.dist.is_main:
+                save_checkpoint(state, path)
         if name == "best":
             self._best_saved_at = self.global_step
+        barrier(self.dist)  # nobody runs ahead of (or reads) a checkpoint being written

@@ -1,0 +1,166 @@
+"""torch.distributed on CPU with gloo, 2 processes: spawned, torchrun, inside sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import DATA_DIR, REPO, require_data, run_cli
+from trainer.checkpoint import load_checkpoint
+from trainer.errors import CheckpointError
+from trainer.run import train
+
+pytestmark = pytest.mark.slow
+TINY = ["model.hidden_sizes=[64]", "trainer.max_epochs=1", "trainer.log_every_n_steps=5"]
+
+
+def spawned_workers() -> set[int]:
+    """PIDs of live torch.multiprocessing workers on this machine."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"multiprocessing.spawn" in cmdline:
+                pids.add(int(proc.name))
+    return pids
+
+
+def test_two_ranks_match_one_process_with_double_batch(make_config, tmp_path: Path) -> None:
+    common = [*TINY, "trainer.limit_train_batches=12", "model.dropout=0.0"]
+    train(make_config(*common, "data.batch_size=64", output_dir=tmp_path / "one"))
+    train(
+        make_config(*common, "data.batch_size=32", "trainer.devices=2", output_dir=tmp_path / "two")
+    )
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert one["global_step"] == two["global_step"] == 12
+    for key, tensor in one["model"].items():
+        assert torch.allclose(tensor, two["model"][key], atol=1e-6, rtol=0), key
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 12
+    assert isinstance(two["rng"], list) and len(two["rng"]) == 2
+
+
+def test_checkpoints_move_between_world_sizes(make_config, tmp_path: Path) -> None:
+    base = [*TINY, "trainer.limit_train_batches=8", "model.dropout=0.0", "trainer.max_epochs=2"]
+    first = make_config(
+        *base,
+        "data.batch_size=32",
+        "trainer.devices=2",
+        "trainer.stop_at=0",
+        output_dir=tmp_path / "ddp",
+    )
+    train(first)
+    ckpt = tmp_path / "ddp" / "checkpoints" / "last.pt"
+    # Same global batch (1 x 64 = 2 x 32): a single process continues the DDP run.
+    train(make_config(*base, "data.batch_size=64", f"ckpt_path={ckpt}", output_dir=tmp_path / "b"))
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["steps"] == 16
+    # A different global batch cannot continue exactly: refused with the numbers to fix it.
+    with pytest.raises(CheckpointError, match="global batch of 64"):
+        train(
+            make_config(*base, "data.batch_size=32", f"ckpt_path={ckpt}", output_dir=tmp_path / "c")
+        )
+
+
+def test_torchrun_val_accuracy_equals_single_process_eval(tmp_path: Path) -> None:
+    require_data()
+    run_dir = tmp_path / "run"
+    done = run_cli(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(REPO / "train.py"),
+            *TINY,
+            "trainer.limit_train_batches=20",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert not list(tmp_path.glob("outputs")), "non-zero ranks must not make run folders"
+    done = run_cli(
+        [
+            str(REPO / "eval.py"),
+            f"ckpt_path={run_dir / 'checkpoints' / 'best.pt'}",
+            "split=val",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    single = json.loads((tmp_path / "eval" / "eval_results.json").read_text())["metrics"]
+    assert single["val/acc"] == results["metrics"]["val/acc"]
+    assert single["val/loss"] == pytest.approx(results["metrics"]["val/loss"], rel=1e-6)
+
+
+def test_ddp_inside_a_multirun_sweep(tmp_path: Path) -> None:
+    require_data()
+    before = spawned_workers()
+    done = run_cli(
+        [
+            str(REPO / "train.py"),
+            "-m",
+            "trainer.devices=2",
+            "optimizer.lr=1e-3,1e-2",
+            *TINY,
+            "trainer.limit_train_batches=10",
+            "logger=none",
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 2
+    assert all(json.loads(r.read_text())["world_size"] == 2 for r in results)
+    assert spawned_workers() - before == set(), "worker processes were left behind"
+
+
+def test_killing_one_rank_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
+    require_data()
+    before = spawned_workers()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            "trainer.devices=2",
+            "model.hidden_sizes=[64]",
+            "trainer.max_epochs=50",
+            "logger=none",
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in proc.stdout:
+        if "first optimizer step done" in line:
+            break
+    victim = max(spawned_workers() - before)
+    os.kill(victim, signal.SIGKILL)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert time.monotonic() - started < 60
+    assert proc.returncode == 2
+    errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "SIGKILL" in errors[0], stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert spawned_workers() - before == set()
