@@ -65,13 +65,13 @@ def main() -> None:
                 *args.overrides,
             ]
             starts.append(time_to_line(cmd, "first optimizer step done", tmp))
-            print(
-                f"run {i}: import torch + 1 step {floors[-1]:.2f} s, train.py first step {starts[-1]:.2f} s"
-            )
+            print(f"run {i}: import torch + 1 step {floors[-1]:.2f} s, ", end="")
+            print(f"train.py first step {starts[-1]:.2f} s")
     floor, start = statistics.median(floors), statistics.median(starts)
     print(
         f"median: floor {floor:.2f} s, train.py to first step {start:.2f} s, "
-        f"framework share {start - floor:.2f} s (data dir {os.environ.get('TRAINER_DATA_DIR', './data')})"
+        f"framework share {start - floor:.2f} s "
+        f"(data dir {os.environ.get('TRAINER_DATA_DIR', './data')})"
     )
 
 

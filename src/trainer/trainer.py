@@ -335,11 +335,12 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         saved_batch = state.get("global_batch", self.global_batch)
         if saved_batch != self.global_batch:
+            per_rank = self.global_batch // self.dist.world_size
             raise CheckpointError(
                 f"{source} was trained with a global batch of {saved_batch} "
                 f"({state.get('world_size', 1)} process(es)); this run has {self.global_batch} "
-                f"({self.dist.world_size} x data.batch_size={self.global_batch // self.dist.world_size}). "
-                "Set data.batch_size so that world size x batch size matches to resume exactly"
+                f"({self.dist.world_size} x data.batch_size={per_rank}). Set data.batch_size "
+                "so that world size x batch size matches to resume exactly"
             )
         load_model_state(self.model, state["model"], source)
         self.optimizer.load_state_dict(state["optimizer"])
