@@ -164,3 +164,27 @@ def test_killing_one_rank_stops_the_run_with_a_clear_error(tmp_path: Path) -> No
     assert len(errors) == 1 and "SIGKILL" in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
     assert spawned_workers() - before == set()
+
+
+def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(
+    make_config, tmp_path: Path
+) -> None:
+    common = [*TINY, "trainer.limit_train_batches=10", "model.dropout=0.0", "trainer.max_epochs=2"]
+    train(make_config(*common, "data.batch_size=64", output_dir=tmp_path / "one"))
+    fsdp = [*common, "data.batch_size=32", "trainer.devices=2", "trainer.strategy=fsdp"]
+    train(make_config(*fsdp, "trainer.stop_at=0", output_dir=tmp_path / "half"))
+    ckpt = tmp_path / "half" / "checkpoints" / "last.pt"
+    # Resume the FSDP run from its epoch-1 checkpoint: full state goes back into the shards.
+    train(make_config(*fsdp, f"ckpt_path={ckpt}", output_dir=tmp_path / "fsdp"))
+    one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
+    sharded = load_checkpoint(tmp_path / "fsdp" / "checkpoints" / "last.pt")
+    assert sharded["strategy"] == "fsdp" and sharded["global_step"] == 20
+    for key, tensor in one.items():
+        assert torch.allclose(tensor, sharded["model"][key], atol=1e-6, rtol=0), key
+    # Optimizer state is laid out per strategy: resuming FSDP state under DDP is refused.
+    with pytest.raises(CheckpointError, match="trainer.strategy=fsdp"):
+        train(
+            make_config(
+                *common, "data.batch_size=64", f"ckpt_path={ckpt}", output_dir=tmp_path / "x"
+            )
+        )

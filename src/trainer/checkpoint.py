@@ -107,10 +107,10 @@ def unwrapped_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch
     return clean
 
 
-def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Load weights, or fail naming every missing, unexpected or mis-shaped key."""
-    state_dict = unwrapped_state_dict(state_dict)
-    own = model.state_dict()
+def check_state_fits(
+    own: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str
+) -> None:
+    """Fail naming every missing, unexpected or mis-shaped key of `state_dict` vs `own`."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mismatched = [
@@ -118,22 +118,27 @@ def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], sour
         for k in own
         if k in state_dict and state_dict[k].shape != own[k].shape
     ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        ):
-            if keys:
-                shown = ", ".join(keys[:5]) + (
-                    f" and {len(keys) - 5} more" if len(keys) > 5 else ""
-                )
-                parts.append(f"{label}: {shown}")
-        raise CheckpointError(
-            f"{source} does not fit this model ({'; '.join(parts)}); was it made with "
-            "another model or data config?"
-        )
+    if not (missing or unexpected or mismatched):
+        return
+    parts = []
+    for label, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("shape mismatch", mismatched),
+    ):
+        if keys:
+            more = f" and {len(keys) - 5} more" if len(keys) > 5 else ""
+            parts.append(f"{label}: {', '.join(keys[:5])}{more}")
+    raise CheckpointError(
+        f"{source} does not fit this model ({'; '.join(parts)}); was it made with "
+        "another model or data config?"
+    )
+
+
+def load_model_state(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load weights, or fail naming every missing, unexpected or mis-shaped key."""
+    state_dict = unwrapped_state_dict(state_dict)
+    check_state_fits(unwrapped_state_dict(model.state_dict()), state_dict, source)
     model.load_state_dict(state_dict)
 
 

@@ -29,6 +29,7 @@ class TrainerConfig:
     devices: int = 1
     # A collective waiting longer than this (a dead peer) fails instead of hanging.
     dist_timeout_s: float = 300.0
+    strategy: str = "ddp"  # ddp | fsdp, when there is more than one process
     precision: str = "32"  # 32 | bf16 | fp16 (fp16 needs CUDA)
     max_epochs: int | None = 10
     max_steps: int | None = None

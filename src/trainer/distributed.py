@@ -89,13 +89,6 @@ def barrier(ctx: DistContext) -> None:
         dist.barrier()
 
 
-def broadcast_model(model: torch.nn.Module, ctx: DistContext) -> None:
-    """Copy rank 0's weights to every rank (no shared filesystem needed)."""
-    if ctx.enabled:
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
-
-
 def broadcast_object(obj: Any, ctx: DistContext) -> Any:
     if not ctx.enabled:
         return obj
@@ -140,15 +133,18 @@ def spawn(worker: Callable[..., None], nprocs: int, args: tuple) -> None:
             start_method="spawn",
         )
     except mp.ProcessExitedException as e:
-        if not errors.empty():
-            raise UserError(errors.get()) from None
         signal_name = getattr(e, "signal_name", None)
+        # A killed rank is the news; the survivors' "peer is gone" errors are consequences.
+        if not signal_name and not errors.empty():
+            raise UserError(errors.get()) from None
         how = f"was killed by {signal_name}" if signal_name else f"exited with code {e.exit_code}"
         raise UserError(
             f"distributed worker rank {e.error_index} {how}; the other workers were stopped"
         ) from None
     except mp.ProcessRaisedException as e:
         raise RuntimeError(f"a distributed worker failed:\n{e}") from None
+    finally:
+        errors.close()
 
 
 def _worker_entry(

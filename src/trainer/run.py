@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,12 @@ def train(
             logging.getLogger().setLevel(logging.WARNING)
     try:
         return _train(cfg, ctx, device, started, overrides)
+    except torch.distributed.DistBackendError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(
+            f"rank {ctx.rank} lost its process group (a peer died or stopped answering within "
+            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): {first_line}"
+        ) from None
     finally:
         destroy_process_group()
 
@@ -62,12 +68,12 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
     from trainer.distributed import broadcast_object
     from trainer.optim import build_optimizer
     from trainer.runtime import check_precision, seed_everything
+    from trainer.strategies import make_strategy
     from trainer.trainer import Trainer
 
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
-    # Same weights everywhere (DDP also broadcasts them), different dropout per rank.
-    seed_everything(cfg.seed + ctx.rank, cfg.trainer.deterministic)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
     check_precision(str(cfg.trainer.precision), device)
 
     data = instantiate(cfg.data, _convert_="all")
@@ -87,6 +93,12 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
     max_steps = cfg.trainer.max_steps or math.inf
     if cfg.trainer.max_epochs:
         max_steps = min(max_steps, cfg.trainer.max_epochs * steps_per_epoch)
+    strategy = make_strategy(cfg.trainer.strategy, ctx)
+    wrapped_model = strategy.wrap(model)  # before the optimizer: FSDP swaps in sharded params
+    if ctx.enabled:
+        # Every rank built the same weights (FSDP shards them as they are); from here
+        # on each rank draws its own dropout masks.
+        seed_everything(cfg.seed + ctx.rank, cfg.trainer.deterministic)
     optimizer = build_optimizer(
         instantiate(cfg.optimizer, _convert_="all"), model, cfg.optimizer.get("weight_decay", 0.0)
     )
@@ -116,6 +128,8 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
         dist=ctx,
+        strategy=strategy,
+        wrapped_model=wrapped_model,
     )
     if cfg.ckpt_path:
         trainer.resume(cfg.ckpt_path)

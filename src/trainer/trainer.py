@@ -19,27 +19,18 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from trainer.checkpoint import (
     capture_rng,
     link_checkpoint,
     load_checkpoint,
-    load_model_state,
     restore_rng,
     save_checkpoint,
-    unwrapped_state_dict,
 )
-from trainer.distributed import (
-    SINGLE,
-    DistContext,
-    all_reduce_sum,
-    barrier,
-    broadcast_model,
-    gather_rng_states,
-)
+from trainer.distributed import SINGLE, DistContext, all_reduce_sum, barrier, gather_rng_states
 from trainer.errors import CheckpointError, ConfigError
+from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +84,17 @@ class Trainer:
         seed: int = 0,
         run_config: dict | None = None,
         dist: DistContext = SINGLE,
+        strategy: SingleProcess | None = None,
+        wrapped_model: nn.Module | None = None,
     ) -> None:
         self.cfg, self.device, self.max_steps, self.dist = cfg, device, max_steps, dist
-        self.model = model
-        # DDP averages gradients across ranks in backward; compile wraps the outside.
-        self.ddp = DistributedDataParallel(model) if dist.enabled else None
-        wrapped = self.ddp or model
-        self.forward_model = torch.compile(wrapped) if cfg.compile else wrapped
+        # `model` is the plain module (its names are checkpoint keys); `wrapped_model` is
+        # what the strategy made of it (DDP / FSDP), and compile goes around that.
+        self.model, self.strategy = model, strategy or SingleProcess(dist)
+        self.wrapped_model = wrapped_model or model
+        self.forward_model = (
+            torch.compile(self.wrapped_model) if cfg.compile else self.wrapped_model
+        )
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.logger, self.run_config = logger, run_config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -174,9 +169,7 @@ class Trainer:
             self.batch_in_epoch += 1
             last_of_epoch = self.batch_in_epoch == len(batches)
             stepping = self.batch_in_epoch % self.accumulate == 0 or last_of_epoch
-            # Accumulating micro-batches skip DDP's gradient all-reduce; the stepping one syncs.
-            sync = self.ddp.no_sync() if self.ddp and not stepping else contextlib.nullcontext()
-            with sync:
+            with self.strategy.grad_sync(self.wrapped_model, stepping):
                 with self.autocast():
                     logits = self.forward_model(x)
                     loss = self.loss_fn(logits, y)
@@ -299,9 +292,9 @@ class Trainer:
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""
         best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
-        if best is not None and best.is_file() and self.dist.is_main:
-            load_model_state(self.model, load_checkpoint(best, self.device)["model"], str(best))
-        broadcast_model(self.model, self.dist)  # no shared filesystem needed across nodes
+        if best is not None and best.is_file():
+            state = load_checkpoint(best, self.device)["model"]
+            self.strategy.load_model(self.model, state, str(best))
         metrics = self.evaluate(self.test_batches, "test")
         self._log(metrics)
         log.info("test: %s", " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -310,8 +303,9 @@ class Trainer:
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": unwrapped_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
+            "model": self.strategy.model_state(self.model),
+            "optimizer": self.strategy.optimizer_state(self.model, self.optimizer),
+            "strategy": self.strategy.name,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
@@ -342,8 +336,15 @@ class Trainer:
                 f"({self.dist.world_size} x data.batch_size={per_rank}). Set data.batch_size "
                 "so that world size x batch size matches to resume exactly"
             )
-        load_model_state(self.model, state["model"], source)
-        self.optimizer.load_state_dict(state["optimizer"])
+        saved_fsdp, now_fsdp = state.get("strategy") == "fsdp", self.strategy.name == "fsdp"
+        if saved_fsdp != now_fsdp:
+            raise CheckpointError(
+                f"{source} holds {'FSDP' if saved_fsdp else 'non-FSDP'} optimizer state; resume "
+                f"it with trainer.strategy={'fsdp' if saved_fsdp else 'ddp'} (weights alone load "
+                "anywhere: use it with eval.py)"
+            )
+        self.strategy.load_model(self.model, state["model"], source)
+        self.strategy.load_optimizer(self.model, self.optimizer, state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
