@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError
+from trainer.resume import CheckpointFiles, finished_results, resume_state
 
 log = logging.getLogger(__name__)
 
@@ -24,13 +26,26 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
 
-    from trainer.optim import build_optimizer
-    from trainer.runtime import check_precision, seed_everything, select_device
-    from trainer.trainer import Trainer
+    from trainer.preemption import PreemptionHandler
 
     started = started or time.time()
     output_dir = Path(cfg.paths.output_dir)
     check_trainer_config(cfg.trainer)
+    check_checkpoint_config(cfg.checkpoint)
+    finished = finished_results(cfg, output_dir)
+    if finished is not None:
+        log.info("resume=auto: %s already finished (results.json); nothing to do", output_dir)
+        return optimized_value(cfg, finished["metrics"])
+    # Installed before the slow setup, so a signal at any point ends in a checkpoint.
+    with PreemptionHandler() as preemption:
+        return _train(cfg, started, output_dir, preemption)
+
+
+def _train(cfg: DictConfig, started: float, output_dir: Path, preemption: Any) -> float | None:
+    from trainer.optim import build_optimizer
+    from trainer.runtime import check_precision, seed_everything, select_device
+    from trainer.trainer import Trainer
+
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = select_device(cfg.trainer.accelerator)
     check_precision(str(cfg.trainer.precision), device)
@@ -57,10 +72,15 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         scheduler = make_scheduler(
             optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
         )
+    files = CheckpointFiles(
+        output_dir / cfg.checkpoint.dirname, cfg.checkpoint.save_last, cfg.checkpoint.keep_last_k
+    )
+    resume_from = resume_state(cfg, files, device)
     logger = None
     if cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
-        logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
+        if resume_from is None:
+            logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer = Trainer(
         cfg.trainer,
@@ -76,12 +96,16 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         checkpoint_cfg=cfg.checkpoint,
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        preemption=preemption,
     )
-    if cfg.ckpt_path:
-        trainer.resume(cfg.ckpt_path)
+    if resume_from is not None:
+        state, source = resume_from
+        trainer.load_state_dict(state, source)
+        log.info("resumed from %s at epoch %d step %d", source, trainer.epoch, trainer.global_step)
         if logger is not None:
-            # Points logged after the checkpoint by the crashed run are dropped.
-            logger.purge_step = trainer.global_step
+            # Everything up to the checkpoint's step was logged (and flushed) before it
+            # was written; TensorBoard hides the crashed run's points after it.
+            logger.purge_step = state.get("logger", {}).get("global_step", trainer.global_step) + 1
     log.info(
         "training %s on %s: %d parameters, %d steps/epoch, up to %s steps",
         type(model).__name__,
@@ -101,12 +125,17 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         "epochs": trainer.epoch,
         "steps": trainer.global_step,
         "stop_reason": fit["stop_reason"],
+        "nan_skipped_steps": trainer.nan_guard.skipped,
+        "resumed_from": resume_from[1] if resume_from else None,
         "fit_time_s": round(fit["fit_time_s"], 3),
         "wall_time_s": round(time.time() - started, 3),
         "overrides": task_overrides(),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    # results.json marks a finished job for resume=auto: it appears whole or not at all.
+    tmp = output_dir / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, output_dir / "results.json")
     if logger is not None:
         logger.log_hparams(hparams(cfg), {k: v for k, v in results["metrics"].items()})
         logger.close()
@@ -127,6 +156,15 @@ def check_trainer_config(trainer_cfg: Any) -> None:
         )
     if trainer_cfg.monitor_mode not in ("max", "min"):
         raise ConfigError(f"trainer.monitor_mode={trainer_cfg.monitor_mode!r} must be max or min")
+
+
+def check_checkpoint_config(ckpt_cfg: Any) -> None:
+    for key in ("every_n_epochs", "every_n_steps"):
+        value = ckpt_cfg[key]
+        if value is not None and value < 1:
+            raise ConfigError(f"checkpoint.{key}={value} must be >= 1 (or null)")
+    if ckpt_cfg.every_n_minutes is not None and ckpt_cfg.every_n_minutes <= 0:
+        raise ConfigError(f"checkpoint.every_n_minutes={ckpt_cfg.every_n_minutes} must be > 0")
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -1,10 +1,14 @@
 """The training loop: fit() runs epochs; one batch goes forward, backward, step.
 
 Follow a batch: `_train_epoch` takes it from the data iterator, runs the model
-under autocast, scales and backpropagates the loss, and every
-`accumulate_grad_batches` micro-batches `_optimizer_step` clips, steps the
+under autocast, checks the loss (`NanGuard`), scales and backpropagates it, and
+every `accumulate_grad_batches` micro-batches `_optimizer_step` clips, steps the
 optimizer and the scheduler. Metrics stay on the device and are read back only
 when logging, at validation and at epoch ends.
+
+Checkpoints are taken only at optimizer-step boundaries, and hold everything
+that decides what comes next (see `state_dict`), so a resumed run continues
+bit for bit as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -21,15 +25,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer.checkpoint import (
-    capture_rng,
-    load_checkpoint,
-    load_model_state,
-    restore_rng,
-    save_checkpoint,
-    unwrapped_state_dict,
-)
-from trainer.errors import ConfigError
+from trainer.checkpoint import load_checkpoint, load_model_state
+from trainer.errors import ConfigError, NonFiniteLossError, Preempted
+from trainer.nan_guard import NanGuard
+from trainer.preemption import PreemptionHandler
+from trainer.resume import CheckpointFiles
+from trainer.state import load_training_state, training_state
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class Trainer:
         checkpoint_cfg: Any = None,
         seed: int = 0,
         run_config: dict | None = None,
+        preemption: PreemptionHandler | None = None,
     ) -> None:
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
         self.model = model
@@ -85,6 +87,14 @@ class Trainer:
         self.logger, self.run_config = logger, run_config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_cfg = checkpoint_cfg
+        self.files = (
+            CheckpointFiles(checkpoint_dir, checkpoint_cfg.save_last, checkpoint_cfg.keep_last_k)
+            if checkpoint_dir and checkpoint_cfg
+            else None
+        )
+        self.preemption = preemption or PreemptionHandler()
+        self.nan_guard = NanGuard(cfg.nan_policy, cfg.max_consecutive_nan, device)
+        self.seed = seed
         self.train_batches = data.batches("train", seed=seed, limit_batches=cfg.limit_train_batches)
         self.val_batches = (
             data.batches("val", limit_batches=cfg.limit_val_batches) if data.val_size else None
@@ -107,7 +117,11 @@ class Trainer:
         self.stop_reason: str | None = None
         self.last_val: dict[str, float] = {}
         self._validated_at_step = -1
+        self._lr = optimizer.param_groups[0]["lr"]
         self._reset_train_meters()
+        self._saved_key: tuple | None = None
+        self._saved_path: Path | None = None
+        self._save_pending, self._last_save_time = False, time.monotonic()
 
     # ----------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
@@ -127,11 +141,18 @@ class Trainer:
                 self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
                 if self.epoch % self.cfg.val_every_n_epochs == 0:
                     self._validate()
-                if self.checkpoint_cfg and self.epoch % self.checkpoint_cfg.every_n_epochs == 0:
-                    self.save("last")
+                every = self.checkpoint_cfg.every_n_epochs if self.checkpoint_cfg else 0
+                if self._save_pending or (every and self.epoch % every == 0):
+                    self.save_last()
+            if self.preemption.requested:
+                path = self.save_last()
+                raise Preempted(
+                    f"{self.preemption.signal_name}: saved step {self.global_step} to {path}; "
+                    "run the same command with resume=auto to continue"
+                )
         if self.batch_in_epoch:  # stopped mid-epoch: keep the model we end with
             self._validate()
-            self.save("last")
+        self.save_last()
         return {"stop_reason": self.stop_reason, "fit_time_s": time.perf_counter() - started}
 
     def _train_epoch(self) -> None:
@@ -145,27 +166,38 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        # The micro-batches of one optimizer step: their loss joins the meters only
+        # once the step is taken, so a skipped or failed step leaves no trace.
+        window_loss, window_batches, window_samples, window_bad = None, 0, 0, False
         for x, y in batches.epoch(self.epoch, self.batch_in_epoch):
             with self.autocast():
                 logits = self.forward_model(x)
                 loss = self.loss_fn(logits, y)
-            self.scaler.scale(loss / self.accumulate).backward()
+            if window_bad or self.nan_guard.observe(loss, self.global_step + 1):
+                if not window_bad:
+                    self._on_nonfinite(window_batches)
+                window_bad = True
+            else:
+                self.scaler.scale(loss / self.accumulate).backward()
+                window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
+                window_batches, window_samples = window_batches + 1, window_samples + len(y)
             self.batch_in_epoch += 1
-            self._loss_sum += loss.detach()
-            self._loss_batches += 1
-            self._samples += len(y)
             bar.update(1)
             last_of_epoch = self.batch_in_epoch == len(batches)
             if self.batch_in_epoch % self.accumulate and not last_of_epoch:
                 continue
-            self._optimizer_step()
-            if self.global_step % self.cfg.log_every_n_steps == 0:
-                self._log_train(bar)
-            every = self.cfg.val_every_n_steps
-            if every and self.global_step % every == 0 and not last_of_epoch:
-                self._validate()
-                self.model.train()
-            if self.stop_reason or self.global_step >= self.max_steps:
+            if window_bad:
+                self._skip_step()
+            else:
+                self._loss_sum += window_loss
+                self._loss_batches += window_batches
+                self._samples += window_samples
+                self._optimizer_step()
+                self._after_step(bar, last_of_epoch)
+            window_loss, window_batches, window_samples, window_bad = None, 0, 0, False
+            if self.preemption.requested and not last_of_epoch:
+                self.save_last()
+            if self.preemption.requested or self.stop_reason or self.global_step >= self.max_steps:
                 break
         if self._loss_batches:
             self._log_train(bar)
@@ -178,12 +210,79 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.nan_guard.consecutive = 0
         self._lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
         if self.global_step == 1:
             log.info("first optimizer step done")
+
+    def _after_step(self, bar: tqdm, last_of_epoch: bool) -> None:
+        """Logging, validation and the checkpoint cadence, in that order, after a step."""
+        if self.global_step % self.cfg.log_every_n_steps == 0:
+            self._log_train(bar)
+        every = self.cfg.val_every_n_steps
+        if every and self.global_step % every == 0 and not last_of_epoch:
+            self._validate()
+            self.model.train()
+        ckpt = self.checkpoint_cfg
+        if ckpt is None:
+            return
+        due = bool(ckpt.every_n_steps) and self.global_step % ckpt.every_n_steps == 0
+        minutes = ckpt.every_n_minutes
+        due = due or bool(minutes) and time.monotonic() - self._last_save_time >= minutes * 60
+        if due and last_of_epoch:
+            self._save_pending = True  # saved after the epoch-end validation, in fit()
+        elif due:
+            self.save_last()
+
+    def _on_nonfinite(self, good_batches_in_step: int) -> None:
+        """A micro-batch's loss is NaN/Inf (known before its backward pass)."""
+        where = f"step {self.global_step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+        if self.nan_guard.policy == "skip":
+            log.warning(
+                "non-finite loss %s at %s: skipping the step", self.nan_guard.bad_value, where
+            )
+            return
+        # Back to the start of the step: the state saved is the one after the last good step.
+        self.batch_in_epoch -= good_batches_in_step
+        path = self.save_last()
+        raise NonFiniteLossError(
+            f"loss is {self.nan_guard.bad_value} at {where}; the last good state (step "
+            f"{self.global_step}) is saved in {path}. Lower optimizer.lr, set "
+            "trainer.gradient_clip_val, or set trainer.nan_policy=skip"
+        )
+
+    def _skip_step(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        too_many = self.nan_guard.count_skip()
+        log.warning(
+            "skipped optimizer step %d: %d skipped so far, %d in a row",
+            self.global_step + 1,
+            self.nan_guard.skipped,
+            self.nan_guard.consecutive,
+        )
+        if too_many:
+            path = self.save_last()
+            raise NonFiniteLossError(
+                f"{self.nan_guard.consecutive} steps in a row had a non-finite loss (the last at "
+                f"epoch {self.epoch}, batch {self.batch_in_epoch}); stopped with "
+                f"trainer.max_consecutive_nan={self.nan_guard.max_consecutive}. The last good "
+                f"state (step {self.global_step}) is saved in {path}"
+            )
+
+    def _check_recorded_nonfinite(self) -> None:
+        """On accelerators: fail at the first non-finite loss the device recorded."""
+        recorded = self.nan_guard.recorded()
+        if recorded is not None:
+            step, value = recorded
+            newest = self._saved_path or "none yet"
+            raise NonFiniteLossError(
+                f"loss is {value} at step {step}; the weights after it are not saved, the "
+                f"newest checkpoint is {newest}. Lower optimizer.lr, set "
+                "trainer.gradient_clip_val, or set trainer.nan_policy=skip"
+            )
 
     # ------------------------------------------------------------- metrics
     def _reset_train_meters(self) -> None:
@@ -193,10 +292,14 @@ class Trainer:
 
     def _log_train(self, bar: tqdm) -> None:
         """The one host sync of a logging interval."""
-        loss = (self._loss_sum / self._loss_batches).item()
+        self._check_recorded_nonfinite()
+        loss = (self._loss_sum / max(self._loss_batches, 1)).item()
         rate = self._samples / max(time.perf_counter() - self._meter_started, 1e-9)
         lr = self._lr
-        self._log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate})
+        metrics = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
+        if self.nan_guard.policy == "skip":
+            metrics["train/nan_skipped"] = self.nan_guard.skipped
+        self._log(metrics)
         if bar.disable:
             log.info(
                 "epoch %d step %d (%d/%d): loss %.4f lr %.3g %.0f samples/s",
@@ -224,6 +327,7 @@ class Trainer:
         if self.val_batches is None or self._validated_at_step == self.global_step:
             return
         self._validated_at_step = self.global_step
+        self._check_recorded_nonfinite()
         metrics = self.evaluate(self.val_batches, "val")
         self.last_val = metrics
         self._log(metrics)
@@ -246,8 +350,9 @@ class Trainer:
             self.best_value, self.best_epoch, self.best_step = value, self.epoch, self.global_step
             self.best_metrics = metrics
             self.bad_validations = 0
-            if self.checkpoint_cfg and self.checkpoint_cfg.save_best:
-                self.save("best")
+            if self.files is not None and self.checkpoint_cfg.save_best:
+                self._check_recorded_nonfinite()
+                self.files.save_best(self.state_dict())
         else:
             self.bad_validations += 1
         patience = self.cfg.early_stopping.patience
@@ -273,49 +378,34 @@ class Trainer:
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": unwrapped_state_dict(self.model.state_dict()),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
-            "rng": capture_rng(),
-            "trainer": {
-                "best_value": self.best_value,
-                "best_metrics": self.best_metrics,
-                "best_epoch": self.best_epoch,
-                "best_step": self.best_step,
-                "bad_validations": self.bad_validations,
-                "last_val": self.last_val,
-            },
-            "config": self.run_config,
-        }
+        return training_state(self)
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        load_model_state(self.model, state["model"], source)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.global_step = state["global_step"]
-        restore_rng(state["rng"])
-        history = state["trainer"]
-        self.best_value, self.best_epoch = history["best_value"], history["best_epoch"]
-        self.best_step, self.bad_validations = history["best_step"], history["bad_validations"]
-        self.best_metrics = dict(history["best_metrics"])
-        self.last_val = dict(history["last_val"])
+        load_training_state(self, state, source)
 
     def resume(self, ckpt_path: str | Path) -> None:
         self.load_state_dict(load_checkpoint(ckpt_path, self.device), str(ckpt_path))
         log.info("resumed from %s at epoch %d step %d", ckpt_path, self.epoch, self.global_step)
 
-    def save(self, name: str) -> None:
-        if self.checkpoint_dir is None:
-            return
-        if name == "last" and not self.checkpoint_cfg.save_last:
-            return
-        save_checkpoint(self.state_dict(), self.checkpoint_dir / f"{name}.pt")
+    def save_last(self) -> Path | None:
+        """Checkpoint the current state (once per distinct state); returns its file."""
+        if self.files is None:
+            return None
+        key = (
+            self.global_step,
+            self.epoch,
+            self.batch_in_epoch,
+            self._validated_at_step,
+            self.stop_reason,
+        )
+        if key == self._saved_key:
+            return self._saved_path
+        self._check_recorded_nonfinite()  # never write weights trained on a NaN loss
+        if self.logger is not None:
+            # Points up to this step reach the disk before a checkpoint says they exist;
+            # a resumed run purges the later ones (see run.py).
+            self.logger.flush()
+        path = self.files.save(self.state_dict(), self.global_step)
+        self._saved_key, self._saved_path = key, path or self._saved_path
+        self._save_pending, self._last_save_time = False, time.monotonic()
+        return path

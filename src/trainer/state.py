@@ -1,0 +1,97 @@
+"""What a checkpoint holds: the full training state of a `Trainer`, and how it is restored.
+
+The model, optimizer, scheduler and scaler states; the position in the epoch
+and the data-order state; every RNG; early-stopping and best-metric history;
+the metric meters of the current logging interval; NaN-skip counters; and the
+logger's step. Restored, a run continues bit for bit as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from trainer.checkpoint import capture_rng, load_model_state, restore_rng, unwrapped_state_dict
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def training_state(trainer: Trainer) -> dict[str, Any]:
+    """Everything that decides what a resumed run does next."""
+    return {
+        "model": unwrapped_state_dict(trainer.model.state_dict()),
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+        "scaler": trainer.scaler.state_dict(),
+        "epoch": trainer.epoch,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "global_step": trainer.global_step,
+        # The order of an epoch is a function of (seed, epoch): this and the
+        # position above are the whole data-order state.
+        "data_order": {"seed": trainer.seed, "batches_per_epoch": len(trainer.train_batches)},
+        "rng": capture_rng(),
+        "trainer": {
+            "best_value": trainer.best_value,
+            "best_metrics": trainer.best_metrics,
+            "best_epoch": trainer.best_epoch,
+            "best_step": trainer.best_step,
+            "bad_validations": trainer.bad_validations,
+            "last_val": trainer.last_val,
+            "stop_reason": trainer.stop_reason,
+            "validated_at_step": trainer._validated_at_step,
+            "nan_guard": trainer.nan_guard.state_dict(),
+        },
+        # The running sums of the current logging interval, so its point matches.
+        "meters": {
+            "loss_sum": trainer._loss_sum,
+            "loss_batches": trainer._loss_batches,
+            "samples": trainer._samples,
+            "lr": trainer._lr,
+        },
+        "logger": {"global_step": trainer.global_step},
+        "config": trainer.run_config,
+    }
+
+
+def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+    load_model_state(trainer.model, state["model"], source)
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    if trainer.scheduler is not None and state.get("scheduler"):
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.epoch, trainer.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+    trainer.global_step = state["global_step"]
+    restore_rng(state["rng"])
+    history = state["trainer"]
+    trainer.best_value, trainer.best_epoch = history["best_value"], history["best_epoch"]
+    trainer.best_step, trainer.bad_validations = history["best_step"], history["bad_validations"]
+    trainer.best_metrics = dict(history["best_metrics"])
+    trainer.last_val = dict(history["last_val"])
+    # Format 1 checkpoints were written at epoch ends only: no meters or counters.
+    trainer.stop_reason = history.get("stop_reason")
+    trainer._validated_at_step = history.get("validated_at_step", -1)
+    if "nan_guard" in history:
+        trainer.nan_guard.load_state_dict(history["nan_guard"])
+    if "meters" in state:
+        meters = state["meters"]
+        trainer._loss_sum = meters["loss_sum"].to(trainer.device)
+        trainer._loss_batches, trainer._samples = meters["loss_batches"], meters["samples"]
+        trainer._lr = meters["lr"]
+    order = state.get("data_order", {})
+    if order and (order["seed"], order["batches_per_epoch"]) != (
+        trainer.seed,
+        len(trainer.train_batches),
+    ):
+        log.warning(
+            "%s was trained with seed %s and %s batches per epoch, this run has %s and %s: "
+            "the data order after resuming differs from the original run's",
+            source,
+            order["seed"],
+            order["batches_per_epoch"],
+            trainer.seed,
+            len(trainer.train_batches),
+        )
