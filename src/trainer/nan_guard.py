@@ -34,11 +34,15 @@ class NanGuard:
         if max_consecutive < 1:
             raise ConfigError(f"trainer.max_consecutive_nan={max_consecutive} must be >= 1")
         self.policy, self.max_consecutive = policy, max_consecutive
-        self.check_every_batch = policy == "skip" or device.type == "cpu"
+        self.check_every_batch = policy == "skip" or self.reads_back_free(device)
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self._first_bad_loss = torch.zeros((), device=device)
         self.bad_value = 0.0
         self.skipped, self.consecutive = 0, 0
+
+    @staticmethod
+    def reads_back_free(device: torch.device) -> bool:
+        return device.type == "cpu"
 
     def observe(self, loss: torch.Tensor, step: int) -> bool:
         """Record the loss of a micro-batch of `step`; True if it is known non-finite now."""
