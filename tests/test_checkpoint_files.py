@@ -120,7 +120,7 @@ def test_job_dirname_is_readable_and_safe() -> None:
     with_path = job_dirname("data.data_dir=/a/b,seed=1")
     assert "/" not in with_path and with_path != job_dirname("data.data_dir=/a_b,seed=1")
     long = job_dirname("x" * 500)
-    assert len(long) <= 120 and long != job_dirname("x" * 499)
+    assert len(long) <= 200 and long != job_dirname("x" * 499)
 
 
 def test_run_id_names_the_output_dirs() -> None:

@@ -40,7 +40,7 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
-            fault_point("save")
+            fault_point("save", path.name)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -84,6 +84,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check ckpt_path")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else is damaged (or not a checkpoint).
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): not a zip archive"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

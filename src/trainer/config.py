@@ -18,7 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 # A file name stays well under the 255-byte limit of common filesystems.
-_MAX_DIRNAME = 120
+_MAX_DIRNAME = 200
 
 
 @dataclass

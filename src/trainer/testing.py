@@ -16,18 +16,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-# SIGKILL this process inside its n-th checkpoint write (after the bytes, before the rename).
+# SIGKILL this process while it writes the checkpoint of this file name (e.g.
+# step_00000016.pt): after its bytes are written, before the rename.
 KILL_IN_SAVE_ENV = "TRAINER_TEST_KILL_IN_SAVE"
-_fault_counts: dict[str, int] = {}
 
 
-def fault_point(name: str) -> None:
+def fault_point(name: str, file_name: str) -> None:
     """A place where a test may kill the process, e.g. halfway through a save."""
-    target = os.environ.get(KILL_IN_SAVE_ENV) if name == "save" else None
-    if not target:
-        return
-    _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(target):
+    if name == "save" and os.environ.get(KILL_IN_SAVE_ENV) == file_name:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -46,6 +42,7 @@ class FaultInjectingLoss(nn.Module):
         kill_at_batch: int | None = None,
         signal_at_batch: int | None = None,
         signal_count: int = 1,
+        signal_name: str = "SIGTERM",
         sleep_s: float = 0.0,
         label_smoothing: float = 0.0,
     ) -> None:
@@ -55,6 +52,7 @@ class FaultInjectingLoss(nn.Module):
         self.nonfinite_value = nonfinite_value
         self.kill_at_batch, self.signal_at_batch = kill_at_batch, signal_at_batch
         self.signal_count, self.sleep_s = signal_count, sleep_s
+        self.signal = signal.Signals[signal_name]
         self.batches = 0
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -68,7 +66,7 @@ class FaultInjectingLoss(nn.Module):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.batches == self.signal_at_batch:
             for _ in range(self.signal_count):
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), self.signal)
         if self.batches in self.nan_at_batches:
             loss = loss * self.nonfinite_value
         return loss

@@ -199,7 +199,8 @@ class Trainer:
                 self.save_last()
             if self.preemption.requested or self.stop_reason or self.global_step >= self.max_steps:
                 break
-        if self._loss_batches:
+        # A preempted run saved mid-interval meters: the resumed run logs this point.
+        if self._loss_batches and not self.preemption.requested:
             self._log_train(bar)
         bar.close()
 
