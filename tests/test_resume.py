@@ -279,3 +279,28 @@ def sweep_jobs(sweep: Path) -> dict[int, Path]:
         if seeds:
             jobs[int(seeds[0].split("=")[1])] = overrides.parent.parent
     return jobs
+
+
+def test_preempted_mid_epoch_on_the_dataloader_path_resumes_exactly(make_config, tmp_path) -> None:
+    from trainer.errors import Preempted
+    from trainer.run import train
+
+    common = [
+        "model.hidden_sizes=[16]",
+        "model.dropout=0.3",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=10",
+        "trainer.limit_val_batches=1",
+        "trainer.test_after_fit=false",
+        "logger=none",
+        "data.in_memory=false",
+        FAULTY,
+    ]
+    train(make_config(*common, output_dir=tmp_path / "straight"))
+    # The signal goes to this very process: the trainer's handler turns it into Preempted.
+    with pytest.raises(Preempted, match="saved step 4"):
+        train(make_config(*common, "+loss.signal_at_batch=4"))
+    train(make_config(*common, "resume=auto"))
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)

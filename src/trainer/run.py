@@ -49,6 +49,11 @@ def _train(cfg: DictConfig, started: float, output_dir: Path, preemption: Any) -
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = select_device(cfg.trainer.accelerator)
     check_precision(str(cfg.trainer.precision), device)
+    # Before the data: a missing, damaged or unsafe checkpoint fails in a second.
+    files = CheckpointFiles(
+        output_dir / cfg.checkpoint.dirname, cfg.checkpoint.save_last, cfg.checkpoint.keep_last_k
+    )
+    resume_from = resume_state(cfg, files, device)
 
     data = instantiate(cfg.data, _convert_="all")
     data.setup(device)
@@ -72,10 +77,6 @@ def _train(cfg: DictConfig, started: float, output_dir: Path, preemption: Any) -
         scheduler = make_scheduler(
             optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
         )
-    files = CheckpointFiles(
-        output_dir / cfg.checkpoint.dirname, cfg.checkpoint.save_last, cfg.checkpoint.keep_last_k
-    )
-    resume_from = resume_state(cfg, files, device)
     logger = None
     if cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
@@ -101,6 +102,10 @@ def _train(cfg: DictConfig, started: float, output_dir: Path, preemption: Any) -
     if resume_from is not None:
         state, source = resume_from
         trainer.load_state_dict(state, source)
+        if cfg.ckpt_path and source == str(cfg.ckpt_path):
+            # An explicit ckpt_path asks to train on from that state under this config's
+            # limits, even if its run had stopped; resume=auto continues its own run as is.
+            trainer.stop_reason = None
         log.info("resumed from %s at epoch %d step %d", source, trainer.epoch, trainer.global_step)
         if logger is not None:
             # Everything up to the checkpoint's step was logged (and flushed) before it
