@@ -18,13 +18,18 @@ of every run. So the guard reads back only where that is free:
 
 from __future__ import annotations
 
+import logging
 import math
+from pathlib import Path
 
 import torch
 
-from trainer.errors import ConfigError
+from trainer.errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
 
 POLICIES = ("error", "skip")
+_FIX = "Lower optimizer.lr, set trainer.gradient_clip_val, or set trainer.nan_policy=skip"
 
 
 class NanGuard:
@@ -63,11 +68,41 @@ class NanGuard:
         step = int(self._first_bad_step.item())
         return (step, float(self._first_bad_loss.item())) if step >= 0 else None
 
-    def count_skip(self) -> bool:
+    def count_skip(self, where: str) -> bool:
         """Count a skipped step; True when `max_consecutive` skips in a row are reached."""
         self.skipped += 1
         self.consecutive += 1
+        log.warning(
+            "loss is %s at %s: optimizer step skipped (%d so far, %d in a row)",
+            self.bad_value,
+            where,
+            self.skipped,
+            self.consecutive,
+        )
         return self.consecutive >= self.max_consecutive
+
+    def error(self, where: str | None, good_step: int, saved: Path | None) -> NonFiniteLossError:
+        """The error that stops training; `where` is None when skips ran out."""
+        if where is None:
+            what = (
+                f"{self.consecutive} steps in a row had a non-finite loss, the limit set by "
+                f"trainer.max_consecutive_nan={self.max_consecutive}"
+            )
+        else:
+            what = f"loss is {self.bad_value} at {where}"
+        return NonFiniteLossError(
+            f"{what}; the last good state (step {good_step}) is saved in {saved}. {_FIX}"
+        )
+
+    def raise_if_recorded(self, newest_checkpoint: Path | None) -> None:
+        """Fail at the first non-finite loss recorded on the device, if any (one sync)."""
+        recorded = self.recorded()
+        if recorded is not None:
+            step, value = recorded
+            raise NonFiniteLossError(
+                f"loss is {value} at step {step}; the weights after it are not saved, the "
+                f"newest checkpoint is {newest_checkpoint or 'none yet'}. {_FIX}"
+            )
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from trainer.checkpoint import load_checkpoint, load_model_state
-from trainer.errors import ConfigError, NonFiniteLossError, Preempted
+from trainer.errors import ConfigError, Preempted
 from trainer.nan_guard import NanGuard
 from trainer.preemption import PreemptionHandler
 from trainer.resume import CheckpointFiles
@@ -168,16 +168,20 @@ class Trainer:
         )
         # The micro-batches of one optimizer step: their loss joins the meters only
         # once the step is taken, so a skipped or failed step leaves no trace.
-        window_loss, window_batches, window_samples, window_bad = None, 0, 0, False
+        window_loss, window_batches, window_samples, bad_at = None, 0, 0, None
         for x, y in batches.epoch(self.epoch, self.batch_in_epoch):
             with self.autocast():
                 logits = self.forward_model(x)
                 loss = self.loss_fn(logits, y)
-            if window_bad or self.nan_guard.observe(loss, self.global_step + 1):
-                if not window_bad:
-                    self._on_nonfinite(window_batches)
-                window_bad = True
-            else:
+            if bad_at is None and self.nan_guard.observe(loss, self.global_step + 1):
+                bad_at = (
+                    f"step {self.global_step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch})"
+                )
+                if self.nan_guard.policy == "error":
+                    # Back to the step's start: save the state after the last good step.
+                    self.batch_in_epoch -= window_batches
+                    raise self.nan_guard.error(bad_at, self.global_step, self.save_last())
+            if bad_at is None:
                 self.scaler.scale(loss / self.accumulate).backward()
                 window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
                 window_batches, window_samples = window_batches + 1, window_samples + len(y)
@@ -186,15 +190,17 @@ class Trainer:
             last_of_epoch = self.batch_in_epoch == len(batches)
             if self.batch_in_epoch % self.accumulate and not last_of_epoch:
                 continue
-            if window_bad:
-                self._skip_step()
+            if bad_at is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.nan_guard.count_skip(bad_at):
+                    raise self.nan_guard.error(None, self.global_step, self.save_last())
             else:
                 self._loss_sum += window_loss
                 self._loss_batches += window_batches
                 self._samples += window_samples
                 self._optimizer_step()
                 self._after_step(bar, last_of_epoch)
-            window_loss, window_batches, window_samples, window_bad = None, 0, 0, False
+            window_loss, window_batches, window_samples, bad_at = None, 0, 0, None
             if self.preemption.requested and not last_of_epoch:
                 self.save_last()
             if self.preemption.requested or self.stop_reason or self.global_step >= self.max_steps:
@@ -238,52 +244,9 @@ class Trainer:
         elif due:
             self.save_last()
 
-    def _on_nonfinite(self, good_batches_in_step: int) -> None:
-        """A micro-batch's loss is NaN/Inf (known before its backward pass)."""
-        where = f"step {self.global_step + 1} (epoch {self.epoch}, batch {self.batch_in_epoch})"
-        if self.nan_guard.policy == "skip":
-            log.warning(
-                "non-finite loss %s at %s: skipping the step", self.nan_guard.bad_value, where
-            )
-            return
-        # Back to the start of the step: the state saved is the one after the last good step.
-        self.batch_in_epoch -= good_batches_in_step
-        path = self.save_last()
-        raise NonFiniteLossError(
-            f"loss is {self.nan_guard.bad_value} at {where}; the last good state (step "
-            f"{self.global_step}) is saved in {path}. Lower optimizer.lr, set "
-            "trainer.gradient_clip_val, or set trainer.nan_policy=skip"
-        )
-
-    def _skip_step(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        too_many = self.nan_guard.count_skip()
-        log.warning(
-            "skipped optimizer step %d: %d skipped so far, %d in a row",
-            self.global_step + 1,
-            self.nan_guard.skipped,
-            self.nan_guard.consecutive,
-        )
-        if too_many:
-            path = self.save_last()
-            raise NonFiniteLossError(
-                f"{self.nan_guard.consecutive} steps in a row had a non-finite loss (the last at "
-                f"epoch {self.epoch}, batch {self.batch_in_epoch}); stopped with "
-                f"trainer.max_consecutive_nan={self.nan_guard.max_consecutive}. The last good "
-                f"state (step {self.global_step}) is saved in {path}"
-            )
-
     def _check_recorded_nonfinite(self) -> None:
         """On accelerators: fail at the first non-finite loss the device recorded."""
-        recorded = self.nan_guard.recorded()
-        if recorded is not None:
-            step, value = recorded
-            newest = self._saved_path or "none yet"
-            raise NonFiniteLossError(
-                f"loss is {value} at step {step}; the weights after it are not saved, the "
-                f"newest checkpoint is {newest}. Lower optimizer.lr, set "
-                "trainer.gradient_clip_val, or set trainer.nan_policy=skip"
-            )
+        self.nan_guard.raise_if_recorded(self._saved_path)
 
     # ------------------------------------------------------------- metrics
     def _reset_train_meters(self) -> None:
