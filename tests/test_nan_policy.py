@@ -37,6 +37,10 @@ def test_error_names_the_step_and_saves_the_last_good_state(make_config, tmp_pat
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert (last["global_step"], last["batch_in_epoch"]) == (6, 6) and _finite(last)
     assert not (tmp_path / "run" / "results.json").exists()
+    # The saved state is a starting point: resume=auto continues from step 6 to the end.
+    train(make_config(*RUN, "trainer.gradient_clip_val=1.0", "resume=auto"))
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["steps"] == 12 and results["resumed_from"].endswith("step_00000006.pt")
 
 
 def test_error_with_accumulation_rewinds_to_the_start_of_the_step(make_config, tmp_path) -> None:

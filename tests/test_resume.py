@@ -215,6 +215,15 @@ def test_resume_guards(make_config, tmp_path: Path) -> None:
     value = train(make_config(*small, "model.hidden_sizes=[16]", "resume=auto"))
     assert value == results["metrics"]["val/acc"]
     assert (tmp_path / "run" / "results.json").stat().st_mtime_ns == before
+    # resume=auto in a folder without checkpoints starts from ckpt_path, when given.
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    more = [f"ckpt_path={ckpt}", "resume=auto", "model.hidden_sizes=[16]", "trainer.max_steps=3"]
+    # A longer run cannot reuse a schedule planned for 2 steps: a clear error, no traceback.
+    with pytest.raises(CheckpointError, match="run of 2 optimizer steps and this config runs 3"):
+        train(make_config(*small[1:], *more, output_dir=tmp_path / "other"))
+    train(make_config(*small[1:], *more, "scheduler=none", output_dir=tmp_path / "other"))
+    results = json.loads((tmp_path / "other" / "results.json").read_text())
+    assert results["resumed_from"] == str(ckpt) and results["steps"] == 3
 
 
 def test_every_n_minutes_checkpoints_mid_epoch(make_config, tmp_path: Path) -> None:

@@ -22,6 +22,8 @@ from trainer.resume import CheckpointFiles, finished_results, resume_state
 
 log = logging.getLogger(__name__)
 
+RUN_CONTROL_KEYS = ("resume", "run_id", "ckpt_path")
+
 
 def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
@@ -204,6 +206,8 @@ def hparams(cfg: DictConfig) -> dict[str, Any]:
     }
     for override in task_overrides():
         key, _, value = override.lstrip("+~").partition("=")
+        if key in RUN_CONTROL_KEYS:
+            continue  # how the run was started or resumed, not what it computes
         if not key.startswith("hydra.") and not key.startswith("paths."):
             values[key] = _parse_scalar(value)
     return values

@@ -12,6 +12,7 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from trainer.checkpoint import capture_rng, load_model_state, restore_rng, unwrapped_state_dict
+from trainer.errors import CheckpointError
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -43,6 +44,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
             "stop_reason": trainer.stop_reason,
             "validated_at_step": trainer._validated_at_step,
             "nan_guard": trainer.nan_guard.state_dict(),
+            "max_steps": trainer.max_steps,
         },
         # The running sums of the current logging interval, so its point matches.
         "meters": {
@@ -57,6 +59,14 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
 
 
 def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+    planned = state["trainer"].get("max_steps")
+    if trainer.scheduler is not None and planned is not None and planned != trainer.max_steps:
+        raise CheckpointError(
+            f"{source} comes from a run of {planned} optimizer steps and this config runs "
+            f"{trainer.max_steps}: its learning-rate schedule cannot be stretched. Keep "
+            "trainer.max_epochs/max_steps, data.batch_size, trainer.limit_train_batches and "
+            "trainer.accumulate_grad_batches as in that run, or use scheduler=none"
+        )
     load_model_state(trainer.model, state["model"], source)
     trainer.optimizer.load_state_dict(state["optimizer"])
     if trainer.scheduler is not None and state.get("scheduler"):
