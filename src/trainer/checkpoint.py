@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from trainer.errors import CheckpointError
+from trainer.testing import fault_point
 
-FORMAT_VERSION = 1
+# 2 adds the in-epoch position, metric meters, NaN counters and the logger step.
+FORMAT_VERSION = 2
 # Wrappers add these to parameter names: DDP (`module.`) and torch.compile (`_orig_mod.`).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -38,38 +40,55 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save({"format_version": FORMAT_VERSION, **state}, f)
             f.flush()
+            fault_point("save", path.name)
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def link_checkpoint(source: str | Path, path: str | Path) -> None:
+    """Make `path` name the same file as `source`, atomically, without copying it.
+
+    A hard link costs no I/O however big the checkpoint; where the filesystem has
+    none, an fsynced copy takes its place. Either way `path` is replaced in one rename.
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.link.tmp"
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # makes the rename itself durable
     finally:
         os.close(dir_fd)
 
 
-def link_checkpoint(source: str | Path, path: str | Path) -> None:
-    """Atomically make `path` another name for the finished file `source`.
-
-    A later save to either name replaces that name only (rename makes a new
-    inode), so the two never change together. Copies where links are unsupported.
-    """
-    source, path = Path(source), Path(path)
-    tmp = path.with_name(f".{path.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:
-        shutil.copyfile(source, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check ckpt_path")
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip archive; anything else is damaged (or not a checkpoint).
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): not a zip archive"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,8 +1,10 @@
 """Console entry points: `trainer-train` / `python train.py` and `trainer-eval` / `python eval.py`.
 
-User errors (bad config, missing data, unusable checkpoint) print one
+User errors (bad config, missing data, unusable checkpoint, NaN loss) print one
 `error: ...` line to stderr and exit with code 2; bugs keep their traceback.
-Set HYDRA_FULL_ERROR=1 to see the full trace of a user error too.
+Set HYDRA_FULL_ERROR=1 to see the full trace of a user error too. A preempted
+run (SIGTERM/SIGUSR1) saves a checkpoint and exits with code 75 (EX_TEMPFAIL),
+the signal to requeue it with resume=auto (docs/resume.md).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import hydra
 from omegaconf import DictConfig
 
 from trainer.config import register_configs
-from trainer.errors import UserError
+from trainer.errors import Preempted, UserError
+from trainer.preemption import EXIT_PREEMPTED
 
 STARTED = time.time()
 # An absolute folder, not pkg://trainer.configs: Hydra reads plain files faster than
@@ -30,9 +33,16 @@ register_configs()
 
 
 def _report_user_errors(run):
-    """Run `run()`; turn a UserError into one stderr line and exit code 2."""
+    """Run `run()`; turn a UserError into one stderr line and exit code 2.
+
+    Both end the process with SystemExit, which a multirun does not catch: a
+    preempted sweep stops at the job it was in, to be resumed as a whole.
+    """
     try:
         return run()
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
     except UserError as e:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise

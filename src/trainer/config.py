@@ -9,11 +9,16 @@ their `_target_` accepts.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+# A file name stays well under the 255-byte limit of common filesystems.
+_MAX_DIRNAME = 200
 
 
 @dataclass
@@ -49,6 +54,10 @@ class TrainerConfig:
     # Stop once the monitored metric reaches this value (>= for max, <= for min).
     stop_at: float | None = None
     test_after_fit: bool = True
+    # What a non-finite (NaN/Inf) training loss does: error | skip (see trainer/nan_guard.py).
+    nan_policy: str = "error"
+    # With nan_policy=skip: stop with an error after this many skipped steps in a row.
+    max_consecutive_nan: int = 10
 
 
 @dataclass
@@ -57,6 +66,11 @@ class CheckpointConfig:
     save_last: bool = True
     save_best: bool = True
     every_n_epochs: int = 1
+    # Mid-epoch checkpoints, for resuming close to where a run died (null: off).
+    every_n_steps: int | None = None
+    every_n_minutes: float | None = None
+    # How many step_*.pt files to keep, newest first (null: all); last.pt and best.pt stay.
+    keep_last_k: int | None = 2
 
 
 @dataclass
@@ -108,6 +122,10 @@ class TrainConfig:
     task_name: str = "train"
     seed: int = 42
     ckpt_path: str | None = None
+    # auto: continue from the newest valid checkpoint in this run's output dir (see docs/resume.md).
+    resume: str | None = None
+    # Names the output dir (outputs/<run_id>, multirun/<run_id>) so a rerun finds it again.
+    run_id: str | None = None
     optimized_metric: str | None = "val/acc"
     tags: list[str] = field(default_factory=list)
 
@@ -122,7 +140,29 @@ class EvalConfig:
     data: Any = None  # None: the data config stored in the checkpoint
 
 
+def run_name(run_id: str | None, timestamp: str) -> str:
+    """The run folder name: the run_id when given, else the launch time."""
+    return str(run_id) if run_id not in (None, "") else timestamp
+
+
+def job_dirname(override_dirname: str) -> str:
+    """A sweep job's folder, named by its sorted overrides so reruns find it by identity.
+
+    Slashes in values (paths) would nest folders and long override lists would
+    exceed file name limits: both get a readable prefix plus a hash of the whole.
+    """
+    if not override_dirname:
+        return "default"
+    name = re.sub(r"[^\w.,=+\-\[\]]", "_", override_dirname)
+    if name != override_dirname or len(name) > _MAX_DIRNAME:
+        digest = hashlib.sha256(override_dirname.encode()).hexdigest()[:10]
+        name = f"{name[: _MAX_DIRNAME - 11]}-{digest}"
+    return name
+
+
 def register_configs() -> None:
+    OmegaConf.register_new_resolver("trainer.run_name", run_name, replace=True)
+    OmegaConf.register_new_resolver("trainer.job_dirname", job_dirname, replace=True)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)

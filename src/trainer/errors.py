@@ -19,3 +19,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint is missing, corrupt, unsafe or does not fit the model."""
+
+
+class NonFiniteLossError(UserError):
+    """The training loss became NaN or Inf (fix: lower lr, clip gradients, nan_policy=skip)."""
+
+
+class Preempted(Exception):
+    """A preemption signal arrived; the state is saved and the run should be requeued."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError, UserError
+from trainer.resume import CheckpointFiles, finished_results, resume_state
 
 log = logging.getLogger(__name__)
+
+RUN_CONTROL_KEYS = ("resume", "run_id", "ckpt_path")
 
 
 def train(
@@ -37,11 +41,18 @@ def train(
         init_process_group,
         launched_by_torchrun,
     )
+    from trainer.preemption import PreemptionHandler
     from trainer.runtime import select_device
 
     started = started or time.time()
     overrides = task_overrides() if overrides is None else overrides
+    output_dir = Path(cfg.paths.output_dir)
     check_trainer_config(cfg.trainer)
+    check_checkpoint_config(cfg.checkpoint)
+    finished = finished_results(cfg, output_dir)
+    if finished is not None:
+        log.info("resume=auto: %s already finished (results.json); nothing to do", output_dir)
+        return optimized_value(cfg, finished["metrics"])
     device = select_device(cfg.trainer.accelerator)
     if cfg.trainer.devices > 1 and not launched_by_torchrun():
         return _spawn_workers(cfg, device, started, overrides)
@@ -53,7 +64,9 @@ def train(
         if not ctx.is_main:
             logging.getLogger().setLevel(logging.WARNING)
     try:
-        return _train(cfg, ctx, device, started, overrides)
+        # Installed before the slow setup, so a signal at any point ends in a checkpoint.
+        with PreemptionHandler() as preemption:
+            return _train(cfg, ctx, device, started, overrides, preemption)
     except torch.distributed.DistBackendError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -64,17 +77,30 @@ def train(
         destroy_process_group()
 
 
-def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -> float | None:
+def _train(
+    cfg: DictConfig, ctx, device, started: float, overrides: list[str], preemption: Any
+) -> float | None:
     from trainer.distributed import broadcast_object
     from trainer.optim import build_optimizer
     from trainer.runtime import check_precision, seed_everything
     from trainer.strategies import make_strategy
     from trainer.trainer import Trainer
 
+    if ctx.enabled and cfg.trainer.nan_policy == "skip":
+        # Ranks would have to agree on every skipped step; not supported yet.
+        raise ConfigError(
+            "trainer.nan_policy=skip works in single-process runs only; use nan_policy=error "
+            "with trainer.devices > 1 or torchrun"
+        )
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     check_precision(str(cfg.trainer.precision), device)
+    # Before the data: a missing, damaged or unsafe checkpoint fails in a second.
+    files = CheckpointFiles(
+        output_dir / cfg.checkpoint.dirname, cfg.checkpoint.save_last, cfg.checkpoint.keep_last_k
+    )
+    resume_from = resume_state(cfg, files, device)
 
     data = instantiate(cfg.data, _convert_="all")
     data.setup(device)
@@ -111,7 +137,8 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
     logger = None
     if cfg.logger.get("_target_") and ctx.is_main:
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
-        logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
+        if resume_from is None:
+            logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer = Trainer(
         cfg.trainer,
@@ -127,15 +154,23 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
         checkpoint_cfg=cfg.checkpoint,
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        preemption=preemption,
         dist=ctx,
         strategy=strategy,
         wrapped_model=wrapped_model,
     )
-    if cfg.ckpt_path:
-        trainer.resume(cfg.ckpt_path)
+    if resume_from is not None:
+        state, source = resume_from
+        trainer.load_state_dict(state, source)
+        if cfg.ckpt_path and source == str(cfg.ckpt_path):
+            # An explicit ckpt_path asks to train on from that state under this config's
+            # limits, even if its run had stopped; resume=auto continues its own run as is.
+            trainer.stop_reason = None
+        log.info("resumed from %s at epoch %d step %d", source, trainer.epoch, trainer.global_step)
         if logger is not None:
-            # Points logged after the checkpoint by the crashed run are dropped.
-            logger.purge_step = trainer.global_step
+            # Everything up to the checkpoint's step was logged (and flushed) before it
+            # was written; TensorBoard hides the crashed run's points after it.
+            logger.purge_step = state.get("logger", {}).get("global_step", trainer.global_step) + 1
     log.info(
         "training %s on %s: %d parameters, %d steps/epoch, up to %s steps",
         type(model).__name__,
@@ -155,6 +190,8 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
         "epochs": trainer.epoch,
         "steps": trainer.global_step,
         "stop_reason": fit["stop_reason"],
+        "nan_skipped_steps": trainer.nan_guard.skipped,
+        "resumed_from": resume_from[1] if resume_from else None,
         "fit_time_s": round(fit["fit_time_s"], 3),
         "wall_time_s": round(time.time() - started, 3),
         "overrides": overrides,
@@ -162,7 +199,10 @@ def _train(cfg: DictConfig, ctx, device, started: float, overrides: list[str]) -
     }
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        # results.json marks a finished job for resume=auto: it appears whole or not at all.
+        tmp = output_dir / ".results.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        os.replace(tmp, output_dir / "results.json")
     if logger is not None:
         logger.log_hparams(hparams(cfg, overrides), dict(results["metrics"]))
         logger.close()
@@ -227,6 +267,15 @@ def check_trainer_config(trainer_cfg: Any) -> None:
         raise ConfigError(f"trainer.monitor_mode={trainer_cfg.monitor_mode!r} must be max or min")
 
 
+def check_checkpoint_config(ckpt_cfg: Any) -> None:
+    for key in ("every_n_epochs", "every_n_steps"):
+        value = ckpt_cfg[key]
+        if value is not None and value < 1:
+            raise ConfigError(f"checkpoint.{key}={value} must be >= 1 (or null)")
+    if ckpt_cfg.every_n_minutes is not None and ckpt_cfg.every_n_minutes <= 0:
+        raise ConfigError(f"checkpoint.every_n_minutes={ckpt_cfg.every_n_minutes} must be > 0")
+
+
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:
     name = cfg.get("optimized_metric")
     if not name:
@@ -259,6 +308,8 @@ def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     }
     for override in overrides:
         key, _, value = override.lstrip("+~").partition("=")
+        if key in RUN_CONTROL_KEYS:
+            continue  # how the run was started or resumed, not what it computes
         if not key.startswith("hydra.") and not key.startswith("paths."):
             values[key] = _parse_scalar(value)
     return values

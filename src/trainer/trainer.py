@@ -1,10 +1,14 @@
 """The training loop: fit() runs epochs; one batch goes forward, backward, step.
 
 Follow a batch: `_train_epoch` takes it from the data iterator, runs the model
-under autocast, scales and backpropagates the loss, and every
-`accumulate_grad_batches` micro-batches `_optimizer_step` clips, steps the
+under autocast, checks the loss (`NanGuard`), scales and backpropagates it, and
+every `accumulate_grad_batches` micro-batches `_optimizer_step` clips, steps the
 optimizer and the scheduler. Metrics stay on the device and are read back only
 when logging, at validation and at epoch ends.
+
+Checkpoints are taken only at optimizer-step boundaries, and hold everything
+that decides what comes next (see `state_dict`), so a resumed run continues
+bit for bit as if it had never stopped.
 """
 
 from __future__ import annotations
@@ -21,15 +25,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer.checkpoint import (
-    capture_rng,
-    link_checkpoint,
-    load_checkpoint,
-    restore_rng,
-    save_checkpoint,
-)
-from trainer.distributed import SINGLE, DistContext, all_reduce_sum, barrier, gather_rng_states
-from trainer.errors import CheckpointError, ConfigError
+from trainer.checkpoint import load_checkpoint
+from trainer.distributed import SINGLE, DistContext, all_reduce_sum, barrier
+from trainer.errors import ConfigError, Preempted
+from trainer.nan_guard import NanGuard
+from trainer.preemption import PreemptionHandler
+from trainer.resume import CheckpointFiles
+from trainer.state import load_training_state, training_state
 from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
@@ -83,6 +85,7 @@ class Trainer:
         checkpoint_cfg: Any = None,
         seed: int = 0,
         run_config: dict | None = None,
+        preemption: PreemptionHandler | None = None,
         dist: DistContext = SINGLE,
         strategy: SingleProcess | None = None,
         wrapped_model: nn.Module | None = None,
@@ -99,6 +102,14 @@ class Trainer:
         self.logger, self.run_config = logger, run_config
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_cfg = checkpoint_cfg
+        self.files = (
+            CheckpointFiles(checkpoint_dir, checkpoint_cfg.save_last, checkpoint_cfg.keep_last_k)
+            if checkpoint_dir and checkpoint_cfg
+            else None
+        )
+        self.preemption = preemption or PreemptionHandler()
+        self.nan_guard = NanGuard(cfg.nan_policy, cfg.max_consecutive_nan, device)
+        self.seed = seed
         shard = {"rank": dist.rank, "world_size": dist.world_size}
         self.train_batches = data.batches(
             "train", seed=seed, limit_batches=cfg.limit_train_batches, **shard
@@ -126,8 +137,13 @@ class Trainer:
         self.best_epoch, self.best_step, self.bad_validations = -1, -1, 0
         self.stop_reason: str | None = None
         self.last_val: dict[str, float] = {}
-        self._validated_at_step = self._best_saved_at = -1
+        self._validated_at_step = -1
+        self._lr = optimizer.param_groups[0]["lr"]
         self._reset_train_meters()
+        self._saved_key: tuple | None = None
+        self._saved_path: Path | None = None
+        self._save_pending, self._last_save_time = False, time.monotonic()
+        self._preempted_agreed = False
 
     # ----------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
@@ -147,11 +163,18 @@ class Trainer:
                 self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
                 if self.epoch % self.cfg.val_every_n_epochs == 0:
                     self._validate()
-                if self.checkpoint_cfg and self.epoch % self.checkpoint_cfg.every_n_epochs == 0:
-                    self.save("last")
+                every = self.checkpoint_cfg.every_n_epochs if self.checkpoint_cfg else 0
+                if self._save_pending or (every and self.epoch % every == 0):
+                    self.save_last()
+            if self._preempted(at_boundary=True):
+                path = self.save_last()
+                raise Preempted(
+                    f"{self.preemption.signal_name}: saved step {self.global_step} to {path}; "
+                    "run the same command with resume=auto to continue"
+                )
         if self.batch_in_epoch:  # stopped mid-epoch: keep the model we end with
             self._validate()
-            self.save("last")
+        self.save_last()
         return {"stop_reason": self.stop_reason, "fit_time_s": time.perf_counter() - started}
 
     def _train_epoch(self) -> None:
@@ -165,35 +188,69 @@ class Trainer:
             dynamic_ncols=True,
             leave=False,
         )
+        # The micro-batches of one optimizer step: their loss joins the meters only
+        # once the step is taken, so a skipped or failed step leaves no trace.
+        window_loss, window_batches, window_samples, bad_at = None, 0, 0, None
         for x, y in batches.epoch(self.epoch, self.batch_in_epoch):
-            self.batch_in_epoch += 1
-            last_of_epoch = self.batch_in_epoch == len(batches)
-            stepping = self.batch_in_epoch % self.accumulate == 0 or last_of_epoch
+            # Under DDP/FSDP only the micro-batch that steps all-reduces its gradients.
+            stepping = (self.batch_in_epoch + 1) % self.accumulate == 0 or (
+                self.batch_in_epoch + 1 == len(batches)
+            )
             with self.strategy.grad_sync(self.wrapped_model, stepping):
                 with self.autocast():
                     logits = self.forward_model(x)
                     loss = self.loss_fn(logits, y)
-                self.scaler.scale(
-                    loss / self.accumulate if self.accumulate > 1 else loss
-                ).backward()
-            self._loss_sum += loss.detach()
-            self._loss_batches += 1
-            self._samples += len(y)
+                if bad_at is None and self.nan_guard.observe(loss, self.global_step + 1):
+                    bad_at = (
+                        f"step {self.global_step + 1} "
+                        f"(epoch {self.epoch}, batch {self.batch_in_epoch})"
+                    )
+                    if self.nan_guard.policy == "error":
+                        # Back to the step's start: save the state after the last good step.
+                        self.batch_in_epoch -= window_batches
+                        raise self.nan_guard.error(bad_at, self.global_step, self.save_last())
+                if bad_at is None:
+                    scaled = loss / self.accumulate if self.accumulate > 1 else loss
+                    self.scaler.scale(scaled).backward()
+            if bad_at is None:
+                window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
+                window_batches, window_samples = window_batches + 1, window_samples + len(y)
+            self.batch_in_epoch += 1
             bar.update(1)
-            if not stepping:
+            last_of_epoch = self.batch_in_epoch == len(batches)
+            if self.batch_in_epoch % self.accumulate and not last_of_epoch:
                 continue
-            self._optimizer_step()
-            if self.global_step % self.cfg.log_every_n_steps == 0:
-                self._log_train(bar)
-            every = self.cfg.val_every_n_steps
-            if every and self.global_step % every == 0 and not last_of_epoch:
-                self._validate()
-                self.model.train()
-            if self.stop_reason or self.global_step >= self.max_steps:
+            if bad_at is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.nan_guard.count_skip(bad_at):
+                    raise self.nan_guard.error(None, self.global_step, self.save_last())
+            else:
+                self._loss_sum += window_loss
+                self._loss_batches += window_batches
+                self._samples += window_samples
+                self._optimizer_step()
+                self._after_step(bar, last_of_epoch)
+            window_loss, window_batches, window_samples, bad_at = None, 0, 0, None
+            preempted = self._preempted()
+            if preempted and not last_of_epoch:
+                self.save_last()
+            if preempted or self.stop_reason or self.global_step >= self.max_steps:
                 break
-        if self._loss_batches:
+        # A preempted run saved mid-interval meters: the resumed run logs this point.
+        if self._loss_batches and not self._preempted_agreed:
             self._log_train(bar)
         bar.close()
+
+    def _preempted(self, at_boundary: bool = False) -> bool:
+        """Was a preemption signal received? All ranks must stop at the same step, so
+        under torch.distributed the flag is all-reduced, at log steps and epoch ends only."""
+        if not self._preempted_agreed:
+            if not self.dist.enabled:
+                self._preempted_agreed = self.preemption.requested
+            elif at_boundary or self.global_step % self.cfg.log_every_n_steps == 0:
+                flag = torch.tensor(float(self.preemption.requested), device=self.device)
+                self._preempted_agreed = all_reduce_sum(flag, self.dist).item() > 0
+        return self._preempted_agreed
 
     def _optimizer_step(self) -> None:
         if self.cfg.gradient_clip_val:
@@ -202,12 +259,36 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        self.nan_guard.consecutive = 0
         self._lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
         if self.global_step == 1:
             log.info("first optimizer step done")
+
+    def _after_step(self, bar: tqdm, last_of_epoch: bool) -> None:
+        """Logging, validation and the checkpoint cadence, in that order, after a step."""
+        if self.global_step % self.cfg.log_every_n_steps == 0:
+            self._log_train(bar)
+        every = self.cfg.val_every_n_steps
+        if every and self.global_step % every == 0 and not last_of_epoch:
+            self._validate()
+            self.model.train()
+        ckpt = self.checkpoint_cfg
+        if ckpt is None:
+            return
+        due = bool(ckpt.every_n_steps) and self.global_step % ckpt.every_n_steps == 0
+        minutes = ckpt.every_n_minutes
+        due = due or bool(minutes) and time.monotonic() - self._last_save_time >= minutes * 60
+        if due and last_of_epoch:
+            self._save_pending = True  # saved after the epoch-end validation, in fit()
+        elif due:
+            self.save_last()
+
+    def _check_recorded_nonfinite(self) -> None:
+        """On accelerators: fail at the first non-finite loss the device recorded."""
+        self.nan_guard.raise_if_recorded(self._saved_path)
 
     # ------------------------------------------------------------- metrics
     def _reset_train_meters(self) -> None:
@@ -217,12 +298,16 @@ class Trainer:
 
     def _log_train(self, bar: tqdm) -> None:
         """The one host sync of a logging interval."""
-        mean_loss = all_reduce_sum(self._loss_sum / self._loss_batches, self.dist)
+        self._check_recorded_nonfinite()
+        mean_loss = all_reduce_sum(self._loss_sum / max(self._loss_batches, 1), self.dist)
         loss = mean_loss.item() / self.dist.world_size
         elapsed = max(time.perf_counter() - self._meter_started, 1e-9)
         rate = self._samples * self.dist.world_size / elapsed
         lr = self._lr
-        self._log({"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate})
+        metrics = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
+        if self.nan_guard.policy == "skip":
+            metrics["train/nan_skipped"] = self.nan_guard.skipped
+        self._log(metrics)
         if bar.disable:
             log.info(
                 "epoch %d step %d (%d/%d): loss %.4f lr %.3g %.0f samples/s",
@@ -252,6 +337,7 @@ class Trainer:
         if self.val_batches is None or self._validated_at_step == self.global_step:
             return
         self._validated_at_step = self.global_step
+        self._check_recorded_nonfinite()
         metrics = self.evaluate(self.val_batches, "val")
         self.last_val = metrics
         self._log(metrics)
@@ -274,8 +360,12 @@ class Trainer:
             self.best_value, self.best_epoch, self.best_step = value, self.epoch, self.global_step
             self.best_metrics = metrics
             self.bad_validations = 0
-            if self.checkpoint_cfg and self.checkpoint_cfg.save_best:
-                self.save("best")
+            if self.files is not None and self.checkpoint_cfg.save_best:
+                self._check_recorded_nonfinite()
+                state = self.state_dict()  # collective under torch.distributed
+                if self.dist.is_main:
+                    self.files.save_best(state)
+                barrier(self.dist)  # nobody reads or runs ahead of a file being written
         else:
             self.bad_validations += 1
         patience = self.cfg.early_stopping.patience
@@ -302,81 +392,36 @@ class Trainer:
 
     # --------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.strategy.model_state(self.model),
-            "optimizer": self.strategy.optimizer_state(self.model, self.optimizer),
-            "strategy": self.strategy.name,
-            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-            "scaler": self.scaler.state_dict(),
-            "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch,
-            "global_step": self.global_step,
-            # Every rank's RNG (dropout masks differ per rank), gathered for exact resume.
-            "rng": gather_rng_states(capture_rng(), self.dist),
-            "world_size": self.dist.world_size,
-            "global_batch": self.global_batch,
-            "trainer": {
-                "best_value": self.best_value,
-                "best_metrics": self.best_metrics,
-                "best_epoch": self.best_epoch,
-                "best_step": self.best_step,
-                "bad_validations": self.bad_validations,
-                "last_val": self.last_val,
-            },
-            "config": self.run_config,
-        }
+        return training_state(self)
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
-        saved_batch = state.get("global_batch", self.global_batch)
-        if saved_batch != self.global_batch:
-            per_rank = self.global_batch // self.dist.world_size
-            raise CheckpointError(
-                f"{source} was trained with a global batch of {saved_batch} "
-                f"({state.get('world_size', 1)} process(es)); this run has {self.global_batch} "
-                f"({self.dist.world_size} x data.batch_size={per_rank}). Set data.batch_size "
-                "so that world size x batch size matches to resume exactly"
-            )
-        saved_fsdp, now_fsdp = state.get("strategy") == "fsdp", self.strategy.name == "fsdp"
-        if saved_fsdp != now_fsdp:
-            raise CheckpointError(
-                f"{source} holds {'FSDP' if saved_fsdp else 'non-FSDP'} optimizer state; resume "
-                f"it with trainer.strategy={'fsdp' if saved_fsdp else 'ddp'} (weights alone load "
-                "anywhere: use it with eval.py)"
-            )
-        self.strategy.load_model(self.model, state["model"], source)
-        self.strategy.load_optimizer(self.model, self.optimizer, state["optimizer"])
-        if self.scheduler is not None and state.get("scheduler"):
-            self.scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        self.epoch, self.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
-        self.global_step = state["global_step"]
-        rng = state["rng"]
-        restore_rng(rng[self.dist.rank] if isinstance(rng, list) else rng)
-        history = state["trainer"]
-        self.best_value, self.best_epoch = history["best_value"], history["best_epoch"]
-        self.best_step, self.bad_validations = history["best_step"], history["bad_validations"]
-        self.best_metrics = dict(history["best_metrics"])
-        self.last_val = dict(history["last_val"])
+        load_training_state(self, state, source)
 
     def resume(self, ckpt_path: str | Path) -> None:
         self.load_state_dict(load_checkpoint(ckpt_path, self.device), str(ckpt_path))
         log.info("resumed from %s at epoch %d step %d", ckpt_path, self.epoch, self.global_step)
 
-    def save(self, name: str) -> None:
-        if self.checkpoint_dir is None:
-            return
-        if name == "last" and not self.checkpoint_cfg.save_last:
-            return
-        path = self.checkpoint_dir / f"{name}.pt"
-        if name == "last" and self._best_saved_at == self.global_step:
-            # best.pt already holds this exact state: share the file instead of writing it twice.
-            if self.dist.is_main:
-                link_checkpoint(self.checkpoint_dir / "best.pt", path)
-        else:
-            state = self.state_dict()
-            if self.dist.is_main:
-                save_checkpoint(state, path)
-        if name == "best":
-            self._best_saved_at = self.global_step
-        barrier(self.dist)  # nobody runs ahead of (or reads) a checkpoint being written
+    def save_last(self) -> Path | None:
+        """Checkpoint the current state (once per distinct state); returns its file."""
+        if self.files is None:
+            return None
+        key = (
+            self.global_step,
+            self.epoch,
+            self.batch_in_epoch,
+            self._validated_at_step,
+            self.stop_reason,
+        )
+        if key == self._saved_key:
+            return self._saved_path
+        self._check_recorded_nonfinite()  # never write weights trained on a NaN loss
+        if self.logger is not None:
+            # Points up to this step reach the disk before a checkpoint says they exist;
+            # a resumed run purges the later ones (see run.py).
+            self.logger.flush()
+        state = self.state_dict()  # collective under torch.distributed
+        path = self.files.save(state, self.global_step) if self.dist.is_main else None
+        barrier(self.dist)
+        self._saved_key, self._saved_path = key, path or self._saved_path
+        self._save_pending, self._last_save_time = False, time.monotonic()
+        return path

@@ -143,12 +143,16 @@ class LoaderBatches:
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         plan = [idx.tolist() for _, idx in self._plan.epoch(epoch, start_batch)]
+        # Without its own generator a DataLoader draws its worker seed from the global
+        # torch RNG each epoch, and a run resumed mid-epoch would draw it at another point.
+        generator = torch.Generator().manual_seed((self._plan.seed * 1_000_003 + epoch) % 2**63)
         loader = DataLoader(
             self.dataset,
             batch_sampler=plan,
             num_workers=self.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            generator=generator,
         )
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)

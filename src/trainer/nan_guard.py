@@ -1,0 +1,111 @@
+"""`trainer.nan_policy`: what a NaN or Inf training loss does, at no cost per step.
+
+Reading a value from an accelerator makes the host wait for the device, which
+stalls the launch queue; a check per step would cost throughput on every step
+of every run. So the guard reads back only where that is free:
+
+- On the CPU, ops finish before they return, so reading the loss costs nothing:
+  every micro-batch is checked before its backward pass, the bad step is known
+  exactly, and the weights in memory are still the last good ones.
+- On an accelerator with `error`, each micro-batch updates a device-side record
+  of the first non-finite (step, loss) with `torch.where`: no sync. The record
+  is read back where the trainer syncs anyway (log intervals, validation) and
+  before every checkpoint write, so no checkpoint ever holds weights trained on
+  a non-finite loss; the error still names the exact step and value.
+- `skip` must decide before the optimizer step whether to take it, so it reads
+  each loss back on any device: a sync the user opts into with this policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from trainer.errors import ConfigError, NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("error", "skip")
+_FIX = "Lower optimizer.lr, set trainer.gradient_clip_val, or set trainer.nan_policy=skip"
+
+
+class NanGuard:
+    def __init__(self, policy: str, max_consecutive: int, device: torch.device) -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"trainer.nan_policy={policy!r} must be one of {', '.join(POLICIES)}")
+        if max_consecutive < 1:
+            raise ConfigError(f"trainer.max_consecutive_nan={max_consecutive} must be >= 1")
+        self.policy, self.max_consecutive = policy, max_consecutive
+        self.check_every_batch = policy == "skip" or self.reads_back_free(device)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._first_bad_loss = torch.zeros((), device=device)
+        self.bad_value = 0.0
+        self.skipped, self.consecutive = 0, 0
+
+    @staticmethod
+    def reads_back_free(device: torch.device) -> bool:
+        return device.type == "cpu"
+
+    def observe(self, loss: torch.Tensor, step: int) -> bool:
+        """Record the loss of a micro-batch of `step`; True if it is known non-finite now."""
+        loss = loss.detach()
+        if self.check_every_batch:
+            value = float(loss)  # free on the CPU; the chosen price of `skip` elsewhere
+            self.bad_value = value
+            return not math.isfinite(value)
+        newly_bad = (self._first_bad_step < 0) & ~torch.isfinite(loss)
+        self._first_bad_step = torch.where(newly_bad, step, self._first_bad_step)
+        self._first_bad_loss = torch.where(newly_bad, loss.float(), self._first_bad_loss)
+        return False
+
+    def recorded(self) -> tuple[int, float] | None:
+        """The first non-finite (step, loss) recorded on the device, if any (one sync)."""
+        if self.check_every_batch:
+            return None
+        step = int(self._first_bad_step.item())
+        return (step, float(self._first_bad_loss.item())) if step >= 0 else None
+
+    def count_skip(self, where: str) -> bool:
+        """Count a skipped step; True when `max_consecutive` skips in a row are reached."""
+        self.skipped += 1
+        self.consecutive += 1
+        log.warning(
+            "loss is %s at %s: optimizer step skipped (%d so far, %d in a row)",
+            self.bad_value,
+            where,
+            self.skipped,
+            self.consecutive,
+        )
+        return self.consecutive >= self.max_consecutive
+
+    def error(self, where: str | None, good_step: int, saved: Path | None) -> NonFiniteLossError:
+        """The error that stops training; `where` is None when skips ran out."""
+        if where is None:
+            what = (
+                f"{self.consecutive} steps in a row had a non-finite loss, the limit set by "
+                f"trainer.max_consecutive_nan={self.max_consecutive}"
+            )
+        else:
+            what = f"loss is {self.bad_value} at {where}"
+        return NonFiniteLossError(
+            f"{what}; the last good state (step {good_step}) is saved in {saved}. {_FIX}"
+        )
+
+    def raise_if_recorded(self, newest_checkpoint: Path | None) -> None:
+        """Fail at the first non-finite loss recorded on the device, if any (one sync)."""
+        recorded = self.recorded()
+        if recorded is not None:
+            step, value = recorded
+            raise NonFiniteLossError(
+                f"loss is {value} at step {step}; the weights after it are not saved, the "
+                f"newest checkpoint is {newest_checkpoint or 'none yet'}. {_FIX}"
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        return {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.consecutive = state["skipped"], state["consecutive"]

@@ -1,0 +1,61 @@
+"""Preemption: SIGTERM/SIGUSR1 ask the trainer to save and exit for requeue.
+
+Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM, or SIGUSR1 with
+`sbatch --signal=USR1@<seconds>`, some time before they kill a job. The first
+signal only raises a flag: the trainer checks it once per optimizer step,
+saves a checkpoint at that step boundary and exits with EXIT_PREEMPTED. A
+second signal means "now": the default action runs and the process dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# sysexits.h EX_TEMPFAIL, "temporary failure, retry later": requeue scripts test for it.
+EXIT_PREEMPTED = 75
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+
+class PreemptionHandler:
+    """While active, the first SIGTERM/SIGUSR1 sets `requested`; the second one kills."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionHandler:
+        # Signal handlers can only be set from the main thread (e.g. not in a
+        # launcher's worker thread); there the default action stays.
+        if threading.current_thread() is threading.main_thread():
+            for signum in SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if self.requested:
+            # Second signal: no more waiting. Restore the default action and re-raise,
+            # so the exit status says which signal ended the process.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.requested, self.signal_name = True, name
+        log.warning(
+            "%s received: finishing the current step, saving a checkpoint, then exiting "
+            "with code %d (send it again to exit at once)",
+            name,
+            EXIT_PREEMPTED,
+        )

@@ -1,0 +1,157 @@
+"""Checkpoint files of a run and `resume=auto`: naming, retention, discovery.
+
+A run's checkpoint folder holds:
+- `step_<global step>.pt`: one per save (step/minute/epoch cadence, preemption,
+  end of fit); the newest `checkpoint.keep_last_k` are kept.
+- `last.pt`: the newest state, a hard link to the newest step file (no second write).
+- `best.pt`: the state with the best monitored metric.
+Retention only ever deletes step files, so last.pt and best.pt always survive.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from trainer.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
+from trainer.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = (None, "auto")
+_STEP_FILE = re.compile(r"step_(\d+)\.pt")
+
+
+class CheckpointFiles:
+    def __init__(self, folder: str | Path, save_last: bool = True, keep_last_k: int | None = 2):
+        if keep_last_k is not None and keep_last_k < 0:
+            raise ConfigError(f"checkpoint.keep_last_k={keep_last_k} must be >= 0 (or null: all)")
+        self.folder, self.save_last, self.keep_last_k = Path(folder), save_last, keep_last_k
+        self.last, self.best = self.folder / "last.pt", self.folder / "best.pt"
+
+    def save(self, state: dict[str, Any], step: int) -> Path | None:
+        """Write the state of `step`; returns the file written (None if none is configured)."""
+        if self.keep_last_k == 0:
+            if not self.save_last:
+                return None
+            save_checkpoint(state, self.last)
+            return self.last
+        path = self.folder / f"step_{step:08d}.pt"
+        save_checkpoint(state, path)
+        if self.save_last:
+            link_checkpoint(path, self.last)
+        self.prune()
+        return path
+
+    def save_best(self, state: dict[str, Any]) -> None:
+        save_checkpoint(state, self.best)
+
+    def step_files(self) -> list[Path]:
+        """Step checkpoints, newest first."""
+        found = []
+        for path in self.folder.glob("step_*.pt"):
+            match = _STEP_FILE.fullmatch(path.name)
+            if match:
+                found.append((int(match.group(1)), path))
+        return [path for _, path in sorted(found, reverse=True)]
+
+    def prune(self) -> None:
+        if self.keep_last_k is None:
+            return
+        for path in self.step_files()[self.keep_last_k :]:
+            path.unlink(missing_ok=True)
+
+    def remove_partial_writes(self) -> int:
+        """Delete temp files of writes that a crash interrupted (never a finished file)."""
+        partial = list(self.folder.glob(".*.tmp")) if self.folder.is_dir() else []
+        for path in partial:
+            path.unlink(missing_ok=True)
+        return len(partial)
+
+    def candidates(self) -> list[Path]:
+        """Files to resume from, newest first."""
+        files = self.step_files()
+        if self.last.is_file() and not any(_same_file(self.last, p) for p in files):
+            files.append(self.last)
+        return files
+
+
+def find_resume_state(
+    files: CheckpointFiles, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest checkpoint that loads; unreadable newer ones are reported and skipped."""
+    removed = files.remove_partial_writes()
+    if removed:
+        log.info("removed %d unfinished checkpoint write(s) from %s", removed, files.folder)
+    candidates = files.candidates()
+    problems = []
+    for path in candidates:
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointError as e:
+            problems.append(str(e))
+            log.warning("resume=auto: skipping unusable checkpoint: %s", e)
+            continue
+        if problems:
+            log.warning(
+                "resume=auto: resuming from the previous checkpoint %s instead "
+                "(%d newer file(s) skipped)",
+                path,
+                len(problems),
+            )
+        return state, path
+    if problems:
+        raise CheckpointError(
+            f"resume=auto found {len(problems)} checkpoint(s) in {files.folder} but none "
+            f"loads ({problems[-1]}); delete them to start over"
+        )
+    return None
+
+
+def resume_state(
+    cfg: Any, files: CheckpointFiles, map_location: str | torch.device = "cpu"
+) -> tuple[dict[str, Any], str] | None:
+    """What to resume from: this run's newest checkpoint (resume=auto), ckpt_path, or nothing."""
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(
+            f"resume={cfg.resume!r} must be auto or null; to resume from a given file "
+            "use ckpt_path=<file>"
+        )
+    if cfg.resume == "auto":
+        found = find_resume_state(files, map_location)
+        if found is not None:
+            return found[0], str(found[1])
+        if not cfg.ckpt_path:
+            log.info("resume=auto: no checkpoint in %s yet; starting from scratch", files.folder)
+    elif not cfg.ckpt_path and files.candidates():
+        raise ConfigError(
+            f"{files.folder} already holds checkpoints of an earlier run; add resume=auto to "
+            "continue it, or start a new run in another folder (run_id=..., hydra.run.dir=...)"
+        )
+    if cfg.ckpt_path:
+        return load_checkpoint(cfg.ckpt_path, map_location), str(cfg.ckpt_path)
+    return None
+
+
+def finished_results(cfg: Any, output_dir: Path) -> dict[str, Any] | None:
+    """With resume=auto, the results of a run that already finished in `output_dir`."""
+    results = output_dir / "results.json"
+    if cfg.resume != "auto" or not results.is_file():
+        return None
+    try:
+        return json.loads(results.read_text())
+    except (OSError, ValueError):
+        log.warning("resume=auto: %s is unreadable; running the job again", results)
+        return None
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.samefile(b)
+    except OSError:
+        return False

@@ -1,0 +1,134 @@
+"""What a checkpoint holds: the full training state of a `Trainer`, and how it is restored.
+
+The model, optimizer, scheduler and scaler states; the position in the epoch
+and the data-order state; every RNG; early-stopping and best-metric history;
+the metric meters of the current logging interval; NaN-skip counters; and the
+logger's step. Restored, a run continues bit for bit as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from trainer.checkpoint import capture_rng, restore_rng
+from trainer.distributed import gather_rng_states
+from trainer.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+log = logging.getLogger(__name__)
+
+
+def training_state(trainer: Trainer) -> dict[str, Any]:
+    """Everything that decides what a resumed run does next."""
+    return {
+        "model": trainer.strategy.model_state(trainer.model),
+        "optimizer": trainer.strategy.optimizer_state(trainer.model, trainer.optimizer),
+        "strategy": trainer.strategy.name,
+        "world_size": trainer.dist.world_size,
+        "global_batch": trainer.global_batch,
+        "scheduler": trainer.scheduler.state_dict() if trainer.scheduler else None,
+        "scaler": trainer.scaler.state_dict(),
+        "epoch": trainer.epoch,
+        "batch_in_epoch": trainer.batch_in_epoch,
+        "global_step": trainer.global_step,
+        # The order of an epoch is a function of (seed, epoch): this and the
+        # position above are the whole data-order state.
+        "data_order": {"seed": trainer.seed, "batches_per_epoch": len(trainer.train_batches)},
+        # Every rank's RNG (dropout masks differ per rank), gathered for exact resume.
+        "rng": gather_rng_states(capture_rng(), trainer.dist),
+        "trainer": {
+            "best_value": trainer.best_value,
+            "best_metrics": trainer.best_metrics,
+            "best_epoch": trainer.best_epoch,
+            "best_step": trainer.best_step,
+            "bad_validations": trainer.bad_validations,
+            "last_val": trainer.last_val,
+            "stop_reason": trainer.stop_reason,
+            "validated_at_step": trainer._validated_at_step,
+            "nan_guard": trainer.nan_guard.state_dict(),
+            "max_steps": trainer.max_steps,
+        },
+        # The running sums of the current logging interval, so its point matches.
+        "meters": {
+            "loss_sum": trainer._loss_sum,
+            "loss_batches": trainer._loss_batches,
+            "samples": trainer._samples,
+            "lr": trainer._lr,
+        },
+        "logger": {"global_step": trainer.global_step},
+        "config": trainer.run_config,
+    }
+
+
+def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+    planned = state["trainer"].get("max_steps")
+    if trainer.scheduler is not None and planned is not None and planned != trainer.max_steps:
+        raise CheckpointError(
+            f"{source} comes from a run of {planned} optimizer steps and this config runs "
+            f"{trainer.max_steps}: its learning-rate schedule cannot be stretched. Keep "
+            "trainer.max_epochs/max_steps, data.batch_size, trainer.limit_train_batches and "
+            "trainer.accumulate_grad_batches as in that run, or use scheduler=none"
+        )
+    _check_same_layout(trainer, state, source)
+    trainer.strategy.load_model(trainer.model, state["model"], source)
+    trainer.strategy.load_optimizer(trainer.model, trainer.optimizer, state["optimizer"])
+    if trainer.scheduler is not None and state.get("scheduler"):
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        trainer.scaler.load_state_dict(state["scaler"])
+    trainer.epoch, trainer.batch_in_epoch = state["epoch"], state["batch_in_epoch"]
+    trainer.global_step = state["global_step"]
+    rng = state["rng"]
+    restore_rng(rng[trainer.dist.rank] if isinstance(rng, list) else rng)
+    history = state["trainer"]
+    trainer.best_value, trainer.best_epoch = history["best_value"], history["best_epoch"]
+    trainer.best_step, trainer.bad_validations = history["best_step"], history["bad_validations"]
+    trainer.best_metrics = dict(history["best_metrics"])
+    trainer.last_val = dict(history["last_val"])
+    # Format 1 checkpoints were written at epoch ends only: no meters or counters.
+    trainer.stop_reason = history.get("stop_reason")
+    trainer._validated_at_step = history.get("validated_at_step", -1)
+    if "nan_guard" in history:
+        trainer.nan_guard.load_state_dict(history["nan_guard"])
+    if "meters" in state:
+        meters = state["meters"]
+        trainer._loss_sum = meters["loss_sum"].to(trainer.device)
+        trainer._loss_batches, trainer._samples = meters["loss_batches"], meters["samples"]
+        trainer._lr = meters["lr"]
+    order = state.get("data_order", {})
+    if order and (order["seed"], order["batches_per_epoch"]) != (
+        trainer.seed,
+        len(trainer.train_batches),
+    ):
+        log.warning(
+            "%s was trained with seed %s and %s batches per epoch, this run has %s and %s: "
+            "the data order after resuming differs from the original run's",
+            source,
+            order["seed"],
+            order["batches_per_epoch"],
+            trainer.seed,
+            len(trainer.train_batches),
+        )
+
+
+def _check_same_layout(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+    """Exact resume needs the same global batch; FSDP optimizer state needs FSDP."""
+    saved_batch = state.get("global_batch", trainer.global_batch)
+    if saved_batch != trainer.global_batch:
+        per_rank = trainer.global_batch // trainer.dist.world_size
+        raise CheckpointError(
+            f"{source} was trained with a global batch of {saved_batch} "
+            f"({state.get('world_size', 1)} process(es)); this run has {trainer.global_batch} "
+            f"({trainer.dist.world_size} x data.batch_size={per_rank}). Set data.batch_size "
+            "so that world size x batch size matches to resume exactly"
+        )
+    saved_fsdp, now_fsdp = state.get("strategy") == "fsdp", trainer.strategy.name == "fsdp"
+    if saved_fsdp != now_fsdp:
+        raise CheckpointError(
+            f"{source} holds {'FSDP' if saved_fsdp else 'non-FSDP'} optimizer state; resume "
+            f"it with trainer.strategy={'fsdp' if saved_fsdp else 'ddp'} (the weights alone "
+            "load anywhere, e.g. with eval.py)"
+        )
