@@ -31,22 +31,62 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     half-written file under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, writer = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            writer = _RecordingWriter(f)
+            torch.save({"format_version": FORMAT_VERSION, **state}, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        write_error = _write_error(e, writer.error if writer else None)
+        if write_error is None:
+            raise
+        kept = "the previous checkpoint there is intact" if path.exists() else "nothing was saved"
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {write_error}; {kept}. Free disk space or "
+            "point hydra.run.dir at another disk"
+        ) from e
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # makes the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write.
+
+    torch.save's zip writer turns a failed write (ENOSPC, EIO) into a RuntimeError
+    that no longer says why; this keeps the reason for the error message.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _write_error(error: BaseException, recorded: OSError | None) -> str | None:
+    """The OS-level reason a checkpoint write failed, or None if it was something else."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if recorded is not None:
+        return recorded.strerror or str(recorded)
+    return None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

@@ -24,21 +24,27 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
 
+    from trainer.checkpoint import load_checkpoint, load_model_state
     from trainer.optim import build_optimizer
-    from trainer.runtime import check_precision, seed_everything, select_device
+    from trainer.runtime import seed_everything
     from trainer.trainer import Trainer
+    from trainer.validation import check_model_fits_data, validate_train_config
 
     started = started or time.time()
     output_dir = Path(cfg.paths.output_dir)
-    check_trainer_config(cfg.trainer)
+    # Everything that can be checked without data is checked before data loads.
+    device = validate_train_config(cfg)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    device = select_device(cfg.trainer.accelerator)
-    check_precision(str(cfg.trainer.precision), device)
+    resume_state = load_checkpoint(cfg.ckpt_path, device) if cfg.ckpt_path else None
+    model = instantiate(cfg.model, _convert_="all").to(device)
+    loss_fn = instantiate(cfg.loss, _convert_="all")
+    check_model_fits_data(model, loss_fn, cfg.data, device)
+    if resume_state is not None:
+        # A checkpoint of another model fails here, naming the keys, before data loads.
+        load_model_state(model, resume_state["model"], str(cfg.ckpt_path))
 
     data = instantiate(cfg.data, _convert_="all")
     data.setup(device)
-    model = instantiate(cfg.model, _convert_="all").to(device)
-    loss_fn = instantiate(cfg.loss, _convert_="all")
     train_batches = len(data.batches("train", limit_batches=cfg.trainer.limit_train_batches))
     if train_batches == 0:
         raise ConfigError(
@@ -48,15 +54,23 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
     max_steps = cfg.trainer.max_steps or math.inf
     if cfg.trainer.max_epochs:
         max_steps = min(max_steps, cfg.trainer.max_epochs * steps_per_epoch)
-    optimizer = build_optimizer(
-        instantiate(cfg.optimizer, _convert_="all"), model, cfg.optimizer.get("weight_decay", 0.0)
-    )
+    try:
+        optimizer = build_optimizer(
+            instantiate(cfg.optimizer, _convert_="all"),
+            model,
+            cfg.optimizer.get("weight_decay", 0.0),
+        )
+    except ValueError as e:  # torch.optim's range checks: betas, eps, momentum, ...
+        raise ConfigError(f"optimizer ({cfg.optimizer._target_}): {e}") from None
     scheduler = None
     if cfg.scheduler and cfg.scheduler.get("_target_"):
         make_scheduler = instantiate(cfg.scheduler, _convert_="all")
-        scheduler = make_scheduler(
-            optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
-        )
+        try:
+            scheduler = make_scheduler(
+                optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
+            )
+        except ValueError as e:
+            raise ConfigError(f"scheduler ({cfg.scheduler._target_}): {e}") from None
     logger = None
     if cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
@@ -77,8 +91,11 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
-    if cfg.ckpt_path:
-        trainer.resume(cfg.ckpt_path)
+    if resume_state is not None:
+        trainer.load_state_dict(resume_state, str(cfg.ckpt_path))
+        log.info(
+            "resumed from %s at epoch %d step %d", cfg.ckpt_path, trainer.epoch, trainer.global_step
+        )
         if logger is not None:
             # Points logged after the checkpoint by the crashed run are dropped.
             logger.purge_step = trainer.global_step
@@ -112,21 +129,6 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         logger.close()
     log.info("results: %s", json.dumps(results["metrics"]))
     return optimized_value(cfg, results["metrics"])
-
-
-def check_trainer_config(trainer_cfg: Any) -> None:
-    if not (trainer_cfg.max_epochs or trainer_cfg.max_steps):
-        raise ConfigError("set trainer.max_epochs or trainer.max_steps (at least one, >= 1)")
-    for key in ("max_epochs", "max_steps"):
-        value = trainer_cfg[key]
-        if value is not None and value < 1:
-            raise ConfigError(f"trainer.{key}={value} must be >= 1 (or null)")
-    if trainer_cfg.accumulate_grad_batches < 1:
-        raise ConfigError(
-            f"trainer.accumulate_grad_batches={trainer_cfg.accumulate_grad_batches} must be >= 1"
-        )
-    if trainer_cfg.monitor_mode not in ("max", "min"):
-        raise ConfigError(f"trainer.monitor_mode={trainer_cfg.monitor_mode!r} must be max or min")
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -10,6 +10,7 @@ import torch
 from trainer.errors import ConfigError
 
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("32", "bf16", "fp16")
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -34,8 +35,8 @@ def select_device(accelerator: str) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in ("32", "bf16", "fp16"):
-        raise ConfigError(f"trainer.precision={precision!r} must be one of 32, bf16, fp16")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"trainer.precision=fp16 needs a CUDA GPU but the device is {device.type}; "
