@@ -93,6 +93,13 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check ckpt_path")
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive; the legacy format is a pickle (protocol >= 2).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise CheckpointError(
+            f"{path} is not a checkpoint (not a file written by torch.save); check ckpt_path"
+        )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:

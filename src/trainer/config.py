@@ -15,6 +15,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("32", "bf16", "fp16")
+
 
 @dataclass
 class EarlyStoppingConfig:

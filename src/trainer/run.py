@@ -24,16 +24,19 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
 
-    from trainer.checkpoint import load_checkpoint, load_model_state
-    from trainer.optim import build_optimizer
-    from trainer.runtime import seed_everything
-    from trainer.trainer import Trainer
     from trainer.validation import check_model_fits_data, validate_train_config
 
     started = started or time.time()
     output_dir = Path(cfg.paths.output_dir)
-    # Everything that can be checked without data is checked before data loads.
+    # Everything that can be checked without data is checked before data loads,
+    # the plain values even before torch is imported.
     device = validate_train_config(cfg)
+
+    from trainer.checkpoint import load_checkpoint, load_model_state
+    from trainer.optim import build_optimizer
+    from trainer.runtime import seed_everything
+    from trainer.trainer import Trainer
+
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     resume_state = load_checkpoint(cfg.ckpt_path, device) if cfg.ckpt_path else None
     model = instantiate(cfg.model, _convert_="all").to(device)

@@ -7,10 +7,8 @@ import random
 
 import torch
 
+from trainer.config import ACCELERATORS, PRECISIONS
 from trainer.errors import ConfigError
-
-ACCELERATORS = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("32", "bf16", "fp16")
 
 
 def select_device(accelerator: str) -> torch.device:

@@ -3,7 +3,8 @@
 `validate_train_config` and `validate_eval_config` raise a ConfigError (or a
 CheckpointError) naming the key, its value and the fix; `check_model_fits_data`
 runs one dry forward pass so a model/data mismatch fails at setup, naming both
-shapes, instead of as a matmul error at step 1.
+shapes, instead of as a matmul error at step 1. The plain value checks come
+first and need no torch import, so most mistakes are reported in under a second.
 """
 
 from __future__ import annotations
@@ -15,15 +16,22 @@ import tempfile
 import typing
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import CheckpointConfig, PathsConfig, TrainerConfig
+from trainer.config import (
+    ACCELERATORS,
+    PRECISIONS,
+    CheckpointConfig,
+    PathsConfig,
+    TrainerConfig,
+)
 from trainer.error_messages import did_you_mean
 from trainer.errors import CheckpointError, ConfigError
-from trainer.runtime import ACCELERATORS, PRECISIONS, check_precision, select_device
+
+if TYPE_CHECKING:
+    import torch
 
 VAL_METRICS = ("val/loss", "val/acc")
 TEST_METRICS = ("test/loss", "test/acc")
@@ -44,19 +52,20 @@ def validate_train_config(cfg: DictConfig) -> torch.device:
         ("paths", PathsConfig),
     ):
         check_known_keys(cfg[section], schema, section)
-    for section in ("model", "data", "loss", "optimizer", "scheduler", "logger"):
-        check_target_arguments(cfg.get(section), section)
     check_trainer_config(cfg.trainer)
     check_data_config(cfg.data)
     check_metrics(cfg)
     check_optimizer_config(cfg.optimizer)
     if cfg.checkpoint.every_n_epochs < 1:
         raise ConfigError(f"checkpoint.every_n_epochs={cfg.checkpoint.every_n_epochs} must be >= 1")
-    device = check_device(cfg.trainer)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     if cfg.ckpt_path:
         check_checkpoint_path(cfg.ckpt_path)
-    return device
+    # From here on targets are imported, and with them torch.
+    for section in ("model", "data", "loss", "optimizer", "scheduler", "logger"):
+        check_target_arguments(cfg.get(section), section)
+    check_dataset_name(cfg.data)
+    return check_device(cfg.trainer)
 
 
 def validate_eval_config(cfg: DictConfig) -> torch.device:
@@ -65,10 +74,9 @@ def validate_eval_config(cfg: DictConfig) -> torch.device:
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r} must be test or val")
     check_known_keys(cfg.trainer, TrainerConfig, "trainer")
-    device = check_device(cfg.trainer)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     check_checkpoint_path(cfg.ckpt_path)
-    return device
+    return check_device(cfg.trainer)
 
 
 def check_known_keys(section_cfg: Any, schema: type, name: str) -> None:
@@ -151,6 +159,7 @@ def check_trainer_config(trainer_cfg: Any) -> None:
     _check_min(stopping, "trainer.early_stopping", ("patience",), minimum=1, optional=True)
     if stopping.min_delta < 0:
         raise ConfigError(f"trainer.early_stopping.min_delta={stopping.min_delta} must be >= 0")
+    check_accelerator_name(trainer_cfg)
     precision = str(trainer_cfg.precision)
     if precision not in PRECISIONS:
         alias = PRECISION_ALIASES.get(precision.lower())
@@ -160,7 +169,7 @@ def check_trainer_config(trainer_cfg: Any) -> None:
         )
 
 
-def check_data_config(data_cfg: Any) -> None:
+def check_dataset_name(data_cfg: Any) -> None:
     from trainer.data.datamodule import SPECS
 
     name = data_cfg.get("name")
@@ -169,6 +178,9 @@ def check_data_config(data_cfg: Any) -> None:
             f"data.name={name!r} is unknown; choose one of {', '.join(sorted(SPECS))}"
             f"{did_you_mean(name, SPECS)}"
         )
+
+
+def check_data_config(data_cfg: Any) -> None:
     _check_min(data_cfg, "data", ("batch_size", "eval_batch_size"), minimum=1, optional=False)
     _check_min(data_cfg, "data", ("val_size", "num_workers", "download_retries"), 0, False)
     shape = list(data_cfg.shape)
@@ -226,18 +238,26 @@ def check_optimizer_config(optimizer_cfg: Any) -> None:
         raise ConfigError(f"optimizer.weight_decay={decay} must be >= 0")
 
 
-def check_device(trainer_cfg: Any) -> torch.device:
-    """The accelerator exists and has `trainer.devices` devices; fp16 only on CUDA."""
+def check_accelerator_name(trainer_cfg: Any) -> None:
     accelerator = trainer_cfg.accelerator
     if accelerator not in ACCELERATORS:
         raise ConfigError(
             f"trainer.accelerator={accelerator!r} is not one of {', '.join(ACCELERATORS)}"
             f"{did_you_mean(str(accelerator), ACCELERATORS)}"
         )
-    device = select_device(accelerator)
+    if trainer_cfg.devices < 1:
+        raise ConfigError(f"trainer.devices={trainer_cfg.devices} must be >= 1")
+
+
+def check_device(trainer_cfg: Any) -> torch.device:
+    """The accelerator exists and has `trainer.devices` devices; fp16 only on CUDA."""
+    import torch
+
+    from trainer.runtime import check_precision, select_device
+
+    check_accelerator_name(trainer_cfg)
+    device = select_device(trainer_cfg.accelerator)
     devices = trainer_cfg.devices
-    if devices < 1:
-        raise ConfigError(f"trainer.devices={devices} must be >= 1")
     # CPU processes are limited only by memory: gloo runs N of them on any machine.
     available = {"cuda": torch.cuda.device_count(), "mps": 1}.get(device.type)
     if available is not None and devices > available:
@@ -275,6 +295,8 @@ def check_model_fits_data(
     model: torch.nn.Module, loss_fn: torch.nn.Module, data_cfg: Any, device: torch.device
 ) -> None:
     """One dry forward pass (and loss) on zeros of the data's shape, weights untouched."""
+    import torch
+
     shape = list(data_cfg.shape)
     model_shape = getattr(model, "in_shape", None)
     model_says = f" (model.in_shape={list(model_shape)})" if model_shape is not None else ""
