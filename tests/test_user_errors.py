@@ -444,3 +444,19 @@ def test_did_you_mean_hints() -> None:
         "trainer.early_stopping.patience"
     ]
     assert close_matches("trainer.foo", keys) == []
+
+
+def test_troubleshooting_doc_shows_real_messages(tmp_path: Path) -> None:
+    """The messages in docs/troubleshooting.md are exactly what the commands print."""
+    require_data()
+    lines = (REPO / "docs" / "troubleshooting.md").read_text().splitlines()
+    shown = [
+        (command.removeprefix("$ python train.py ").split(), output)
+        for command, output in zip(lines, lines[1:], strict=False)
+        if command.startswith("$ python train.py ") and output.startswith("error: ")
+    ]
+    assert len(shown) >= 3
+    for args, output in shown:
+        done = run_script("train.py", [*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+        assert done.returncode == 2
+        assert done.stderr.splitlines()[-1] == output

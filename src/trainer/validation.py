@@ -304,13 +304,13 @@ def check_model_fits_data(
     model.eval()  # no batch-norm statistics or dropout RNG are touched
     try:
         with torch.no_grad():
-            logits = model(torch.zeros(2, *shape, device=device))
+            logits = model(torch.zeros(1, *shape, device=device))
             if logits.ndim != 2 or logits.shape[1] != data_cfg.num_classes:
                 raise ConfigError(
                     f"the model outputs shape {list(logits.shape[1:])} per sample but "
                     f"data.num_classes={data_cfg.num_classes}; the model's num_classes must match"
                 )
-            loss_fn(logits, torch.zeros(2, dtype=torch.long, device=device))
+            loss_fn(logits, torch.zeros(1, dtype=torch.long, device=device))
     except (RuntimeError, ValueError, IndexError) as e:
         raise ConfigError(
             f"the model does not fit the data: one sample of data.shape={shape} fails in "
