@@ -102,7 +102,7 @@ CASES = [
     Case(
         "run-dir",
         ["hydra.run.dir={file}/run"],
-        "cannot create the run's output folder",
+        "cannot write the run's output folder",
         in_run_dir=False,
     ),
     # Data, read through the real loader.

@@ -114,7 +114,8 @@ def _restore_full_error_env() -> None:
 
 
 def _output_dir_error(error: BaseException) -> str | None:
-    """Hydra creates the run folder before the task starts; failing that is a user error."""
+    """Hydra creates the run folder and its log file before the task starts; failing
+    that is a user error."""
     if not isinstance(error, OSError):
         return None
     tb = error.__traceback__
@@ -128,6 +129,6 @@ def _output_dir_error(error: BaseException) -> str | None:
     else:
         return None
     return (
-        f"cannot create the run's output folder {error.filename}: {error.strerror}; "
+        f"cannot write the run's output folder ({error.filename}: {error.strerror}); "
         "point hydra.run.dir=... (hydra.sweep.dir=... with -m) at a writable folder"
     )
