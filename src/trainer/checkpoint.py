@@ -34,18 +34,28 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     half-written file under the final name.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp, writer = None, None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
+            writer = _RecordingWriter(f)
+            torch.save({"format_version": FORMAT_VERSION, **state}, writer)
             f.flush()
             fault_point("save", path.name)
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        write_error = _write_error(e, writer.error if writer else None)
+        if write_error is None:
+            raise
+        kept = "the previous checkpoint there is intact" if path.exists() else "nothing was saved"
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {write_error}; {kept}. Free disk space or "
+            "point hydra.run.dir at another disk"
+        ) from e
     _fsync_dir(path.parent)
 
 
@@ -80,14 +90,50 @@ def _fsync_dir(folder: Path) -> None:
         os.close(dir_fd)
 
 
+class _RecordingWriter:
+    """A file wrapper that keeps the OSError of a failed write.
+
+    torch.save's zip writer turns a failed write (ENOSPC, EIO) into a RuntimeError
+    that no longer says why; this keeps the reason for the error message.
+    """
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+def _write_error(error: BaseException, recorded: OSError | None) -> str | None:
+    """The OS-level reason a checkpoint write failed, or None if it was something else."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    if recorded is not None:
+        return recorded.strerror or str(recorded)
+    return None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; check ckpt_path")
-    if not zipfile.is_zipfile(path):
-        # torch.save writes a zip archive; anything else is damaged (or not a checkpoint).
+    with path.open("rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (the legacy format is a pickle, protocol >= 2).
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(
-            f"{path} is not a readable checkpoint (truncated or corrupt?): not a zip archive"
+            f"{path} is not a checkpoint (not a file written by torch.save); check ckpt_path"
+        )
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupt?): not a whole zip archive"
         )
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

@@ -1,26 +1,31 @@
 """Console entry points: `trainer-train` / `python train.py` and `trainer-eval` / `python eval.py`.
 
-User errors (bad config, missing data, unusable checkpoint, NaN loss) print one
-`error: ...` line to stderr and exit with code 2; bugs keep their traceback.
-Set HYDRA_FULL_ERROR=1 to see the full trace of a user error too. A preempted
-run (SIGTERM/SIGUSR1) saves a checkpoint and exits with code 75 (EX_TEMPFAIL),
-the signal to requeue it with resume=auto (docs/resume.md).
+User errors print one `error: ...` line to stderr and exit with code 2: bad
+config values, Hydra's composition errors (unknown key, unknown group option,
+bad override syntax), missing data, unusable checkpoints, unusable devices.
+Bugs keep their traceback. `--verbose` or HYDRA_FULL_ERROR=1 shows the full
+trace of a user error too. A preempted run (SIGTERM/SIGUSR1) saves a checkpoint
+and exits with code 75 (EX_TEMPFAIL), the signal to requeue it with
+resume=auto (docs/resume.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import hydra
 from omegaconf import DictConfig
 
 from trainer.config import register_configs
-from trainer.errors import Preempted, UserError
+from trainer.error_messages import describe_user_error
+from trainer.errors import Preempted
 from trainer.preemption import EXIT_PREEMPTED
 
 STARTED = time.time()
@@ -28,46 +33,119 @@ STARTED = time.time()
 # package resources, and both editable and wheel installs ship the YAML as files.
 CONFIG_PATH = str(Path(importlib.util.find_spec("trainer.configs").origin).parent)
 EXIT_USER_ERROR = 2
+VERBOSE_FLAG = "--verbose"
+FULL_ERROR_ENV = "HYDRA_FULL_ERROR"
 
 register_configs()
 
-
-def _report_user_errors(run):
-    """Run `run()`; turn a UserError into one stderr line and exit code 2.
-
-    Both end the process with SystemExit, which a multirun does not catch: a
-    preempted sweep stops at the job it was in, to be resumed as a whole.
-    """
-    try:
-        return run()
-    except Preempted as e:
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_PREEMPTED) from None
-    except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        logging.getLogger("trainer").debug("user error", exc_info=True)
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+# The user's own HYDRA_FULL_ERROR, while the process runs with it forced on.
+_user_full_error: str | None = None
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _train(cfg: DictConfig) -> float | None:
     from trainer.run import train
 
-    return _report_user_errors(lambda: train(cfg, started=STARTED))
+    with _user_environment():
+        return train(cfg, started=STARTED)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def _eval(cfg: DictConfig) -> dict[str, float]:
     from trainer.evaluate import evaluate
 
-    return _report_user_errors(lambda: evaluate(cfg))
+    with _user_environment():
+        return evaluate(cfg)
 
 
 def train_main() -> None:
     _give_non_main_ranks_a_scratch_dir()
-    _train()
+    _run_reporting_user_errors(_train)
+
+
+def eval_main() -> None:
+    _run_reporting_user_errors(_eval)
+
+
+def _run_reporting_user_errors(hydra_main: Callable[[], Any]) -> None:
+    """Run a Hydra main; turn any user error, Hydra's included, into one line and exit 2.
+
+    Hydra prints its own multi-line report of composition errors unless
+    HYDRA_FULL_ERROR=1, in which case it re-raises them. So it runs with that
+    variable set and the errors are reported here; the task itself runs with
+    the user's own value (see _user_environment).
+    """
+    global _user_full_error
+    verbose = VERBOSE_FLAG in sys.argv[1:]
+    if verbose:
+        sys.argv = [sys.argv[0], *(a for a in sys.argv[1:] if a != VERBOSE_FLAG)]
+        os.environ[FULL_ERROR_ENV] = "1"
+    _user_full_error = os.environ.get(FULL_ERROR_ENV)
+    show_traces = _user_full_error == "1"
+    os.environ[FULL_ERROR_ENV] = "1"
+    try:
+        hydra_main()
+    except Exception as e:
+        message = None if show_traces else describe_user_error(e) or _output_dir_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    finally:
+        _restore_full_error_env()
+
+
+@contextmanager
+def _user_environment() -> Iterator[None]:
+    """Run the task with the user's own HYDRA_FULL_ERROR, reporting user errors.
+
+    A user error is reported here rather than let through, since Hydra would
+    first print an "Error executing job" line of its own.
+    """
+    _restore_full_error_env()
+    try:
+        yield
+    except Preempted as e:
+        # Ends the process, which a multirun does not catch: a preempted sweep stops
+        # at the job it was in, to be resumed as a whole.
+        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_PREEMPTED) from None
+    except Exception as e:
+        message = None if _user_full_error == "1" else describe_user_error(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    finally:
+        os.environ[FULL_ERROR_ENV] = "1"
+
+
+def _restore_full_error_env() -> None:
+    if _user_full_error is None:
+        os.environ.pop(FULL_ERROR_ENV, None)
+    else:
+        os.environ[FULL_ERROR_ENV] = _user_full_error
+
+
+def _output_dir_error(error: BaseException) -> str | None:
+    """Hydra creates the run folder and its log file before the task starts; failing
+    that is a user error."""
+    if not isinstance(error, OSError):
+        return None
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_name == "run_job" and frame.f_globals.get("__name__") == (
+            "hydra.core.utils"
+        ):
+            break
+        tb = tb.tb_next
+    else:
+        return None
+    return (
+        f"cannot write the run's output folder ({error.filename}: {error.strerror}); "
+        "point hydra.run.dir=... (hydra.sweep.dir=... with -m) at a writable folder"
+    )
 
 
 def _give_non_main_ranks_a_scratch_dir() -> None:
@@ -86,7 +164,3 @@ def _give_non_main_ranks_a_scratch_dir() -> None:
     scratch = tempfile.mkdtemp(prefix=f"trainer-rank{os.environ['RANK']}-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
-
-
-def eval_main() -> None:
-    _eval()

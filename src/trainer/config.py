@@ -20,6 +20,9 @@ from omegaconf import MISSING, OmegaConf
 # A file name stays well under the 255-byte limit of common filesystems.
 _MAX_DIRNAME = 200
 
+ACCELERATORS = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("32", "bf16", "fp16")
+
 
 @dataclass
 class EarlyStoppingConfig:

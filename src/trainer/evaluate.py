@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import CheckpointError, ConfigError
+from trainer.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +22,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from trainer.checkpoint import load_checkpoint, load_model_state
-    from trainer.runtime import check_precision, select_device
     from trainer.trainer import AUTOCAST_DTYPES, evaluate_model
+    from trainer.validation import check_model_fits_data, validate_eval_config
 
-    if cfg.split not in ("test", "val"):
-        raise ConfigError(f"split={cfg.split!r} must be test or val")
-    device = select_device(cfg.trainer.accelerator)
+    device = validate_eval_config(cfg)
     precision = str(cfg.trainer.precision)
-    check_precision(precision, device)
     state = load_checkpoint(cfg.ckpt_path, device)
     saved = state.get("config")
     if not saved or "model" not in saved or "data" not in saved:
@@ -38,6 +35,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = cfg.data if cfg.data is not None else saved.data
     model = instantiate(saved.model, _convert_="all").to(device)
     load_model_state(model, state["model"], str(cfg.ckpt_path))
+    loss_fn = instantiate(saved.loss, _convert_="all")
+    check_model_fits_data(model, loss_fn, data_cfg, device)
     data = instantiate(data_cfg, _convert_="all")
     data.setup(device)
     dtype = AUTOCAST_DTYPES[precision]
@@ -45,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     metrics = evaluate_model(
         model,
         data.batches(cfg.split),
-        instantiate(saved.loss, _convert_="all"),
+        loss_fn,
         cfg.split,
         **({"autocast": autocast} if autocast else {}),
     )

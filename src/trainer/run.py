@@ -42,18 +42,18 @@ def train(
         launched_by_torchrun,
     )
     from trainer.preemption import PreemptionHandler
-    from trainer.runtime import select_device
+    from trainer.validation import validate_train_config
 
     started = started or time.time()
     overrides = task_overrides() if overrides is None else overrides
     output_dir = Path(cfg.paths.output_dir)
-    check_trainer_config(cfg.trainer)
-    check_checkpoint_config(cfg.checkpoint)
+    # Everything that can be checked without data is checked before data loads,
+    # the plain values even before torch is imported.
+    device = validate_train_config(cfg)
     finished = finished_results(cfg, output_dir)
     if finished is not None:
         log.info("resume=auto: %s already finished (results.json); nothing to do", output_dir)
         return optimized_value(cfg, finished["metrics"])
-    device = select_device(cfg.trainer.accelerator)
     if cfg.trainer.devices > 1 and not launched_by_torchrun():
         return _spawn_workers(cfg, device, started, overrides)
     ctx = SINGLE
@@ -80,11 +80,13 @@ def train(
 def _train(
     cfg: DictConfig, ctx, device, started: float, overrides: list[str], preemption: Any
 ) -> float | None:
+    from trainer.checkpoint import check_state_fits, unwrapped_state_dict
     from trainer.distributed import broadcast_object
     from trainer.optim import build_optimizer
-    from trainer.runtime import check_precision, seed_everything
+    from trainer.runtime import seed_everything
     from trainer.strategies import make_strategy
     from trainer.trainer import Trainer
+    from trainer.validation import check_model_fits_data
 
     if ctx.enabled and cfg.trainer.nan_policy == "skip":
         # Ranks would have to agree on every skipped step; not supported yet.
@@ -95,17 +97,22 @@ def _train(
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    check_precision(str(cfg.trainer.precision), device)
     # Before the data: a missing, damaged or unsafe checkpoint fails in a second.
     files = CheckpointFiles(
         output_dir / cfg.checkpoint.dirname, cfg.checkpoint.save_last, cfg.checkpoint.keep_last_k
     )
     resume_from = resume_state(cfg, files, device)
+    model = instantiate(cfg.model, _convert_="all").to(device)
+    loss_fn = instantiate(cfg.loss, _convert_="all")
+    check_model_fits_data(model, loss_fn, cfg.data, device)
+    if resume_from is not None:
+        # A checkpoint of another model fails here, naming the keys, before data loads.
+        state, source = resume_from
+        own = unwrapped_state_dict(model.state_dict())
+        check_state_fits(own, unwrapped_state_dict(state["model"]), source)
 
     data = instantiate(cfg.data, _convert_="all")
     data.setup(device)
-    model = instantiate(cfg.model, _convert_="all").to(device)
-    loss_fn = instantiate(cfg.loss, _convert_="all")
     train_batches = len(
         data.batches(
             "train", limit_batches=cfg.trainer.limit_train_batches, world_size=ctx.world_size
@@ -125,15 +132,23 @@ def _train(
         # Every rank built the same weights (FSDP shards them as they are); from here
         # on each rank draws its own dropout masks.
         seed_everything(cfg.seed + ctx.rank, cfg.trainer.deterministic)
-    optimizer = build_optimizer(
-        instantiate(cfg.optimizer, _convert_="all"), model, cfg.optimizer.get("weight_decay", 0.0)
-    )
+    try:
+        optimizer = build_optimizer(
+            instantiate(cfg.optimizer, _convert_="all"),
+            model,
+            cfg.optimizer.get("weight_decay", 0.0),
+        )
+    except ValueError as e:  # torch.optim's range checks: betas, eps, momentum, ...
+        raise ConfigError(f"optimizer ({cfg.optimizer._target_}): {e}") from None
     scheduler = None
     if cfg.scheduler and cfg.scheduler.get("_target_"):
         make_scheduler = instantiate(cfg.scheduler, _convert_="all")
-        scheduler = make_scheduler(
-            optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
-        )
+        try:
+            scheduler = make_scheduler(
+                optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
+            )
+        except ValueError as e:
+            raise ConfigError(f"scheduler ({cfg.scheduler._target_}): {e}") from None
     logger = None
     if cfg.logger.get("_target_") and ctx.is_main:
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
@@ -248,32 +263,6 @@ def _job_log_file() -> str | None:
         if isinstance(handler, logging.FileHandler):
             return handler.baseFilename
     return None
-
-
-def check_trainer_config(trainer_cfg: Any) -> None:
-    if not (trainer_cfg.max_epochs or trainer_cfg.max_steps):
-        raise ConfigError("set trainer.max_epochs or trainer.max_steps (at least one, >= 1)")
-    for key in ("max_epochs", "max_steps"):
-        value = trainer_cfg[key]
-        if value is not None and value < 1:
-            raise ConfigError(f"trainer.{key}={value} must be >= 1 (or null)")
-    if trainer_cfg.accumulate_grad_batches < 1:
-        raise ConfigError(
-            f"trainer.accumulate_grad_batches={trainer_cfg.accumulate_grad_batches} must be >= 1"
-        )
-    if trainer_cfg.devices < 1:
-        raise ConfigError(f"trainer.devices={trainer_cfg.devices} must be >= 1")
-    if trainer_cfg.monitor_mode not in ("max", "min"):
-        raise ConfigError(f"trainer.monitor_mode={trainer_cfg.monitor_mode!r} must be max or min")
-
-
-def check_checkpoint_config(ckpt_cfg: Any) -> None:
-    for key in ("every_n_epochs", "every_n_steps"):
-        value = ckpt_cfg[key]
-        if value is not None and value < 1:
-            raise ConfigError(f"checkpoint.{key}={value} must be >= 1 (or null)")
-    if ckpt_cfg.every_n_minutes is not None and ckpt_cfg.every_n_minutes <= 0:
-        raise ConfigError(f"checkpoint.every_n_minutes={ckpt_cfg.every_n_minutes} must be > 0")
 
 
 def optimized_value(cfg: DictConfig, metrics: dict[str, float]) -> float | None:

@@ -7,9 +7,8 @@ import random
 
 import torch
 
+from trainer.config import ACCELERATORS, PRECISIONS
 from trainer.errors import ConfigError
-
-ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 
 
 def select_device(accelerator: str) -> torch.device:
@@ -34,8 +33,8 @@ def select_device(accelerator: str) -> torch.device:
 
 
 def check_precision(precision: str, device: torch.device) -> None:
-    if precision not in ("32", "bf16", "fp16"):
-        raise ConfigError(f"trainer.precision={precision!r} must be one of 32, bf16, fp16")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"trainer.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError(
             f"trainer.precision=fp16 needs a CUDA GPU but the device is {device.type}; "

@@ -82,6 +82,14 @@ def one_cycle(
     final_div_factor: float = 1e4,
     anneal_strategy: str = "cos",
 ) -> LRScheduler:
+    # OneCycleLR divides by the length of each phase; a phase under one step crashes it.
+    warmup_end = pct_start * total_steps - 1
+    if not 0 < warmup_end < total_steps - 1:
+        raise ConfigError(
+            f"scheduler=onecycle needs each phase to last at least a step, but "
+            f"scheduler.pct_start={pct_start} of {total_steps} steps does not allow it; "
+            "train for more steps, change pct_start, or use scheduler=cosine"
+        )
     return OneCycleLR(
         optimizer,
         max_lr=max_lr,

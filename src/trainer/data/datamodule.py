@@ -118,6 +118,12 @@ class ImageClassificationData:
                 f"data.shape={list(self.shape)} does not match the {self.spec.name} images "
                 f"of shape {list(images.shape[1:])}"
             )
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            raise ConfigError(
+                f"data.num_classes={self.num_classes} but the {self.spec.name} {split} labels "
+                f"range from {int(labels.min())} to {int(labels.max())}; set "
+                f"data.num_classes={int(labels.max()) + 1}"
+            )
         return images.view(len(images), *self.shape), labels
 
     def batches(

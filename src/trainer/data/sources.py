@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data.idx import atomic_write_bytes, encode_idx, gunzip
+from trainer.data.idx import atomic_write_bytes, encode_idx, gunzip, parse_idx
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -216,12 +216,22 @@ def _from_local(spec: DatasetSpec, raw_dir: Path, failures: list[str]) -> dict[s
                 if actual == md5:
                     got[key] = data
                     break
-                problem = f"{path} has MD5 {actual}, expected {md5} (corrupt or another file)"
+                problem = f"{path} has MD5 {actual}, expected {md5} ({_diagnose(data, path)})"
             failures.append(f"local {problem}")
             log.warning("%s: local %s; trying the next source", spec.name, problem)
     if absent:
         failures.append(f"local {raw_dir}: not found: {', '.join(absent)}")
     return got
+
+
+def _diagnose(data: bytes, path: Path) -> str:
+    """Why a file's checksum fails, in words: bad magic, truncated, or another file's shape."""
+    try:
+        shape = tuple(parse_idx(data, path.name).shape)
+    except DataError as e:
+        return str(e).split(". ")[0]
+    kind = "labels" if "labels" in path.name else "images" if "images" in path.name else "items"
+    return f"it holds {shape[0] if shape else 0} {kind}, shape {shape}: an edited or another file"
 
 
 def _ensure_writable(

@@ -1,0 +1,163 @@
+"""The table of bad inputs that tests/test_user_errors.py runs, and the broken data it uses.
+
+Each case is the arguments of one `python train.py ...` (or eval.py) command and
+the phrase its one `error:` line must contain. Placeholders: {tmp} is the test's
+folder, {file} a plain text file in it, {ckpt} a real checkpoint of a finished run.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from tests.conftest import DATA_DIR
+
+TINY = ["model.hidden_sizes=[16]", "logger=none", "trainer.progress_bar=false"]
+FIT_ONE_EPOCH = [
+    *TINY,
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=8",
+    "trainer.limit_val_batches=1",
+    "data.eval_batch_size=2000",
+]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    args: list[str]
+    phrase: str
+    script: str = "train.py"
+    env: dict[str, str] = field(default_factory=dict)
+    # False for cases that cannot point Hydra at the finished run's folder.
+    in_run_dir: bool = True
+    # Hydra's own flags (--cfg, -m, -cn) go before all overrides.
+    flags: list[str] = field(default_factory=list)
+
+
+CASES = [
+    # Hydra composition: unknown group option, unknown keys, types, override syntax.
+    Case("group-option", ["model=mlpp"], "model=mlpp is not an option; available: cnn, mlp"),
+    Case("group-option-data", ["data=cifar"], "data=cifar is not an option; available:"),
+    Case("key-typo", ["trainer.max_epoch=3"], "did you mean trainer.max_epochs"),
+    Case("key-misplaced", ["lr=0.1"], "unknown config key lr; did you mean optimizer.lr"),
+    Case("model-key-typo", ["model.hidden_sizez=[8]"], "did you mean model.hidden_sizes"),
+    Case("nested-key-typo", ["trainer.early_stopping.patiense=2"], "early_stopping.patience"),
+    Case("wrong-type", ["trainer.max_epochs=abc"], "trainer.max_epochs='abc' has the wrong type"),
+    Case("override-syntax", ["trainer.max_epochs=[1"], "cannot parse the override"),
+    Case("ambiguous-list", ["data.batch_size=1,2"], "data.batch_size=1,2 is ambiguous"),
+    Case("delete-missing-key", ["~trainer.nothing"], "'trainer.nothing' does not exist"),
+    Case("no-such-config", [], "there is no config named 'nope'", flags=["-cn", "nope"]),
+    Case("cfg-job-typo", ["trainer.max_epoch=3"], "did you mean", flags=["--cfg", "job"]),
+    Case("multirun-option", ["model=mlpp,cnn"], "model=mlpp is not an option", flags=["-m"]),
+    # Keys the target does not take, and targets that do not exist.
+    Case("added-model-kwarg", ["+model.foo=1"], "model.foo is not an argument of"),
+    Case("added-trainer-key", ["+trainer.foo=1"], "unknown config key trainer.foo"),
+    Case("bad-target", ["model._target_=trainer.models.mlp.Nope"], "cannot be imported"),
+    Case("interpolation", ["model.in_shape=${data.shap}"], "cannot resolve an interpolation"),
+    # Values, checked before data loads.
+    Case("lr-zero", ["optimizer.lr=0"], "optimizer.lr=0 must be > 0"),
+    Case("batch-size-zero", ["data.batch_size=0"], "data.batch_size=0 must be >= 1"),
+    Case("no-length", ["trainer.max_epochs=null"], "set trainer.max_epochs or trainer.max_steps"),
+    Case("steps-zero", ["trainer.max_steps=0"], "trainer.max_steps=0 must be >= 1"),
+    Case("precision-alias", ["trainer.precision=16-mixed"], "did you mean trainer.precision=fp16"),
+    Case(
+        "fp16-on-cpu",
+        ["trainer.accelerator=cpu", "trainer.precision=fp16"],
+        "trainer.precision=fp16 needs a CUDA GPU",
+    ),
+    Case("accumulate-zero", ["trainer.accumulate_grad_batches=0"], "must be >= 1"),
+    Case("clip-negative", ["trainer.gradient_clip_val=-1"], "gradient_clip_val=-1.0 must be > 0"),
+    Case("monitor", ["trainer.monitor=val/accuracy"], "not a validation metric"),
+    Case(
+        "stopping-without-val",
+        ["data.val_size=0", "trainer.early_stopping.patience=2"],
+        "need validation, but data.val_size=0",
+    ),
+    Case(
+        "optimized-metric",
+        ["optimized_metric=test/acc", "trainer.test_after_fit=false"],
+        "optimized_metric='test/acc' is not a result of this run",
+    ),
+    Case("accelerator-name", ["trainer.accelerator=tpu"], "trainer.accelerator='tpu' is not one"),
+    Case("devices-zero", ["trainer.devices=0"], "trainer.devices=0 must be >= 1"),
+    Case("data-name", ["data.name=MNSIT"], "did you mean MNIST"),
+    Case("optimizer-range", ["optimizer.betas=[1.5,0.9]"], "Invalid beta parameter"),
+    # Model/data mismatch, caught by a dry forward at setup.
+    Case("model-input", ["model.in_shape=[1,32,32]"], "model.in_shape=[1, 32, 32]"),
+    Case("model-classes", ["model.num_classes=5"], "data.num_classes=10"),
+    # Output.
+    Case("output-dir", ["paths.output_dir={file}/out"], "is not a writable folder"),
+    Case(
+        "run-dir",
+        ["hydra.run.dir={file}/run"],
+        "cannot write the run's output folder",
+        in_run_dir=False,
+    ),
+    # Data, read through the real loader.
+    Case("data-missing", ["data.download=false"], "downloading is off", env={"D": "missing"}),
+    Case("data-corrupt-gz", ["data.download=false"], "truncated gzip", env={"D": "gz"}),
+    Case("data-magic", ["data.download=false"], "bad magic number", env={"D": "magic"}),
+    Case("data-truncated", ["data.download=false"], "truncated data", env={"D": "truncated"}),
+    Case("data-count", ["data.download=false"], "holds 9999 labels", env={"D": "count"}),
+    Case("data-dir-unwritable", ["paths.data_dir={file}/data"], "is not writable"),
+    Case("labels-vs-classes", ["data.num_classes=5"], "labels range from 0 to 9"),
+    Case("val-size", ["data.val_size=60000"], "smaller than the 60000 training images"),
+    Case("onecycle-too-short", ["trainer.max_steps=2"], "scheduler=onecycle needs each phase"),
+    # Checkpoints.
+    Case("ckpt-missing", ["ckpt_path={tmp}/nope.pt"], "does not exist"),
+    Case("ckpt-not-a-ckpt", ["ckpt_path={file}"], "is not a checkpoint"),
+    Case("ckpt-truncated", ["ckpt_path={tmp}/truncated.pt"], "truncated or corrupt"),
+    Case(
+        "ckpt-other-model",
+        ["ckpt_path={ckpt}", "model.hidden_sizes=[32]"],
+        "does not fit this model (shape mismatch: net.",
+    ),
+    Case("ckpt-newer", ["ckpt_path={tmp}/newer.pt"], "newer than this version's"),
+    # Evaluation.
+    Case("eval-no-ckpt", [], "ckpt_path is required", script="eval.py"),
+    Case("eval-split", ["ckpt_path={ckpt}", "split=train"], "must be test or val", "eval.py"),
+    Case("eval-not-a-ckpt", ["ckpt_path={file}"], "is not a checkpoint", "eval.py"),
+    Case("eval-newer", ["ckpt_path={tmp}/newer.pt"], "newer than this version's", "eval.py"),
+]
+# These get past the plain value checks, so they import torch (~2 s of CPU each) and
+# some read the dataset; the others fail in well under a second.
+SLOW_IDS = {
+    "added-model-kwarg", "bad-target", "interpolation", "data-name", "optimizer-range",
+    "model-input", "model-classes", "fp16-on-cpu", "data-missing", "data-corrupt-gz",
+    "data-magic", "data-truncated", "data-count", "data-dir-unwritable", "labels-vs-classes",
+    "val-size", "onecycle-too-short", "ckpt-not-a-ckpt", "ckpt-truncated", "ckpt-other-model",
+    "ckpt-newer", "eval-no-ckpt", "eval-split", "eval-not-a-ckpt", "eval-newer",
+    "devices-too-many", "no-cuda",
+}  # fmt: skip
+if torch.cuda.is_available():
+    CASES.append(Case("devices-too-many", ["trainer.devices=999"], "device"))
+else:
+    CASES.append(Case("no-cuda", ["trainer.accelerator=cuda"], "no CUDA GPU is visible"))
+
+
+def make_bad_data(root: Path) -> None:
+    """MNIST folders with one broken file each; the good files are symlinks."""
+    source = DATA_DIR / "MNIST" / "raw"
+    labels = gzip.decompress((source / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    images = gzip.decompress((source / "t10k-images-idx3-ubyte.gz").read_bytes())
+    broken = {
+        "missing": ("t10k-labels-idx1-ubyte.gz", None),
+        "gz": ("t10k-labels-idx1-ubyte.gz", gzip.compress(labels)[:3000]),
+        "magic": ("t10k-labels-idx1-ubyte", b"\x12\x34\x08\x01" + labels[4:]),
+        "truncated": ("t10k-images-idx3-ubyte", images[: len(images) // 2]),
+        "count": ("t10k-labels-idx1-ubyte", labels[:4] + struct.pack(">I", 9999) + labels[8:-1]),
+    }
+    for name, (bad_file, content) in broken.items():
+        raw = root / name / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        stem = bad_file.removesuffix(".gz")
+        for good in source.iterdir():
+            if good.name.removesuffix(".gz") != stem:
+                (raw / good.name).symlink_to(good)
+        if content is not None:
+            (raw / bad_file).write_bytes(content)
