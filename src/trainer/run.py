@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
 
+    from trainer.finetune import make_unfreezer, prepare_model
     from trainer.optim import build_optimizer
     from trainer.runtime import check_precision, seed_everything, select_device
     from trainer.trainer import Trainer
@@ -48,8 +49,12 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
     max_steps = cfg.trainer.max_steps or math.inf
     if cfg.trainer.max_epochs:
         max_steps = min(max_steps, cfg.trainer.max_epochs * steps_per_epoch)
+    # Fine-tuning changes the model (weights, adapters, frozen params) before the optimizer sees it.
+    prepared = prepare_model(model, cfg.finetune, resuming=bool(cfg.ckpt_path))
+    weight_decay, base_lr = cfg.optimizer.get("weight_decay", 0.0), cfg.optimizer.get("lr")
+    group_rules = OmegaConf.to_container(cfg.finetune.param_groups, resolve=True)
     optimizer = build_optimizer(
-        instantiate(cfg.optimizer, _convert_="all"), model, cfg.optimizer.get("weight_decay", 0.0)
+        instantiate(cfg.optimizer, _convert_="all"), model, weight_decay, group_rules, base_lr
     )
     scheduler = None
     if cfg.scheduler and cfg.scheduler.get("_target_"):
@@ -57,6 +62,11 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         scheduler = make_scheduler(
             optimizer, total_steps=int(max_steps), steps_per_epoch=steps_per_epoch
         )
+    # Counted before any gradual unfreezing: what the first epochs train.
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    unfreezer = make_unfreezer(
+        model, prepared, cfg.finetune, optimizer, scheduler, weight_decay, base_lr
+    )
     logger = None
     if cfg.logger.get("_target_"):
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
@@ -76,6 +86,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         checkpoint_cfg=cfg.checkpoint,
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        unfreezer=unfreezer,
     )
     if cfg.ckpt_path:
         trainer.resume(cfg.ckpt_path)
@@ -83,10 +94,11 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
             # Points logged after the checkpoint by the crashed run are dropped.
             logger.purge_step = trainer.global_step
     log.info(
-        "training %s on %s: %d parameters, %d steps/epoch, up to %s steps",
+        "training %s on %s: %d parameters (%d trainable), %d steps/epoch, up to %s steps",
         type(model).__name__,
         device,
         sum(p.numel() for p in model.parameters()),
+        trainable_params,
         steps_per_epoch,
         int(max_steps),
     )
@@ -100,6 +112,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         "monitor": cfg.trainer.monitor,
         "epochs": trainer.epoch,
         "steps": trainer.global_step,
+        "trainable_params": trainable_params,
         "stop_reason": fit["stop_reason"],
         "fit_time_s": round(fit["fit_time_s"], 3),
         "wall_time_s": round(time.time() - started, 3),

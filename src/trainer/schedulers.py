@@ -82,9 +82,10 @@ def one_cycle(
     final_div_factor: float = 1e4,
     anneal_strategy: str = "cos",
 ) -> LRScheduler:
+    # A float max_lr would give every group the same peak; keep their lr multipliers.
     return OneCycleLR(
         optimizer,
-        max_lr=max_lr,
+        max_lr=[max_lr * group.get("lr_mult", 1.0) for group in optimizer.param_groups],
         total_steps=total_steps,
         pct_start=pct_start,
         div_factor=div_factor,

@@ -14,6 +14,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,7 @@ class Trainer:
         checkpoint_cfg: Any = None,
         seed: int = 0,
         run_config: dict | None = None,
+        unfreezer: Callable[[int], bool] | None = None,
     ) -> None:
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
         self.model = model
@@ -98,6 +100,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self.accumulate = cfg.accumulate_grad_batches
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Gradual unfreezing (finetune.unfreeze_at_epoch): called with each new epoch.
+        self.unfreezer = unfreezer
         self.maximize = cfg.monitor_mode == "max"
         # Position and history: everything a checkpoint must carry to continue exactly.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
@@ -124,6 +128,7 @@ class Trainer:
             self._train_epoch()
             if self.batch_in_epoch >= len(self.train_batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._unfreeze(self.epoch)
                 self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
                 if self.epoch % self.cfg.val_every_n_epochs == 0:
                     self._validate()
@@ -170,6 +175,11 @@ class Trainer:
         if self._loss_batches:
             self._log_train(bar)
         bar.close()
+
+    def _unfreeze(self, epoch: int) -> None:
+        # Before any checkpoint of `epoch`, so saved optimizer states include the new groups.
+        if self.unfreezer is not None and self.unfreezer(epoch):
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _optimizer_step(self) -> None:
         if self.cfg.gradient_clip_val:
@@ -295,6 +305,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_model_state(self.model, state["model"], source)
+        self._unfreeze(state["epoch"])  # the saved optimizer has the unfrozen groups too
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state.get("scheduler"):
             self.scheduler.load_state_dict(state["scheduler"])
