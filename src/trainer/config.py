@@ -109,8 +109,9 @@ class FinetuneConfig:
     # A checkpoint (.pt) of this trainer or a .safetensors file: weights only.
     init_from: str | None = None
     strict: bool = True  # fail on keys missing from the file or left over in it
-    # Renames key prefixes of the file before loading, e.g. {backbone: features}.
-    key_map: dict[str, str] = field(default_factory=dict)
+    # "old:new" renames a dotted key prefix of the file before loading:
+    # [backbone:features] maps backbone.0.weight to features.0.weight, [model:] strips model.
+    key_map: list[str] = field(default_factory=list)
     # Keys whose shape differs (a new head) keep the model's fresh init instead of failing.
     skip_mismatched: bool = False
     exclude: list[str] = field(default_factory=list)  # keys never loaded from the file

@@ -39,7 +39,7 @@ def prepare_model(model: nn.Module, cfg: Any, resuming: bool = False) -> Prepare
             model,
             cfg.init_from,
             strict=cfg.strict,
-            key_map=dict(cfg.key_map),
+            key_map=list(cfg.key_map),
             skip_mismatched=cfg.skip_mismatched,
             exclude=list(cfg.exclude),
         )

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from trainer.checkpoint import load_checkpoint, unwrapped_state_dict
-from trainer.errors import CheckpointError
+from trainer.errors import CheckpointError, ConfigError
 from trainer.patterns import matches_any
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,20 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
+def parse_key_map(entries: Sequence[str]) -> dict[str, str]:
+    """["backbone:features", "model:"] -> {"backbone": "features", "model": ""}."""
+    mapping = {}
+    for entry in entries:
+        old, sep, new = entry.partition(":")
+        if not sep or ":" in new:
+            raise ConfigError(
+                f"finetune.key_map entry {entry!r} must be old_prefix:new_prefix, "
+                "e.g. backbone:features (or model: to strip a prefix)"
+            )
+        mapping[old.strip(".")] = new.strip(".")
+    return mapping
+
+
 def rename_keys(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str]) -> dict:
     """Replace the longest matching dotted prefix: {backbone: features} maps
     `backbone.0.weight` to `features.0.weight`; {model: ""} strips `model.`."""
@@ -56,7 +70,7 @@ def rename_keys(state: Mapping[str, torch.Tensor], key_map: Mapping[str, str]) -
                 new_key = f"{target}.{rest}" if target and rest else target or rest
                 break
         if new_key in renamed:
-            raise CheckpointError(
+            raise ConfigError(
                 f"finetune.key_map maps two keys of the file to {new_key!r}; fix the mapping"
             )
         renamed[new_key] = value
@@ -67,12 +81,12 @@ def load_pretrained(
     model: nn.Module,
     path: str | Path,
     strict: bool = True,
-    key_map: Mapping[str, str] | None = None,
+    key_map: Sequence[str] = (),
     skip_mismatched: bool = False,
     exclude: Sequence[str] = (),
 ) -> LoadReport:
     """Copy the file's weights into `model`; what was not loaded is logged and returned."""
-    source = rename_keys(unwrapped_state_dict(read_weights(path)), key_map or {})
+    source = rename_keys(unwrapped_state_dict(read_weights(path)), parse_key_map(key_map))
     own = model.state_dict()
     report = LoadReport()
     to_load = {}
