@@ -53,8 +53,9 @@ def param_groups(
         )
         buckets.setdefault((rule_index, param.ndim >= 2), []).append(param)
     groups = []
-    # Per rule, the decay group first (as before rules existed).
-    order = sorted(buckets, key=lambda key: (key[0], not key[1]))
+    # Unmatched params first, so param_groups[0] (the logged train/lr) runs at optimizer.lr;
+    # per rule, the decay group first (as before rules existed).
+    order = sorted(buckets, key=lambda key: (key[0] != len(rules), key[0], not key[1]))
     for rule_index, decays in order:
         params = buckets[(rule_index, decays)]
         label, lr_mult, rule_decay = settings[rule_index]
