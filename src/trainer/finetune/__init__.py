@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from trainer.errors import ConfigError
@@ -86,7 +87,7 @@ def make_unfreezer(
         optimizer,
         scheduler,
         weight_decay,
-        rules=list(cfg.param_groups),
+        rules=OmegaConf.to_container(cfg.param_groups, resolve=True),
         base_lr=base_lr,
         norm_hooks=prepared.norm_hooks,
     )
