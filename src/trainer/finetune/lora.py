@@ -157,6 +157,8 @@ def apply_lora(
         raise ConfigError(f"finetune.lora.rank={rank} must be >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"finetune.lora.dropout={dropout} must be in [0, 1)")
+    # Exact types: subclasses such as MultiheadAttention's out_proj are read as raw
+    # weights by their parent, so a wrapper there would silently do nothing.
     adaptable = [
         name for name, module in model.named_modules() if type(module) in LORA_LAYERS and name
     ]
