@@ -158,5 +158,5 @@ def test_export_script_and_init_from_give_the_original_outputs(
     bad = run_cli([str(REPO / "scripts" / "export.py"), str(tmp_path / "nope.pt")], cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
-        f"error: checkpoint {tmp_path / 'nope.pt'} does not exist; check ckpt_path"
+        f"error: {tmp_path / 'nope.pt'} does not exist; pass the path of a checkpoint file"
     ]

@@ -89,11 +89,11 @@ def test_key_map_parsing_and_bad_files(tmp_path) -> None:
         parse_key_map(["backbone"])
 
     model = torch.nn.Linear(2, 2)
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist; check finetune.init_from"):
         load_pretrained(model, tmp_path / "nope.safetensors")
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\x00\x01 not a safetensors file")
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_pretrained(model, bad)
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist; check finetune.init_from"):
         load_pretrained(model, tmp_path / "nope.pt")

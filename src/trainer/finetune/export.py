@@ -42,6 +42,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path | None = None) 
     from safetensors.torch import save_file
 
     ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise CheckpointError(f"{ckpt_path} does not exist; pass the path of a checkpoint file")
     state = load_checkpoint(ckpt_path)
     run_config = state.get("config")
     if not run_config or "model" not in run_config:

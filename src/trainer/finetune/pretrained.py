@@ -29,10 +29,10 @@ class LoadReport:
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a `.safetensors` file or the model weights of a trainer checkpoint."""
     path = Path(path)
-    if path.suffix != ".safetensors":
-        return load_checkpoint(path)["model"]
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; check finetune.init_from")
+    if path.suffix != ".safetensors":
+        return load_checkpoint(path)["model"]
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
