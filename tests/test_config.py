@@ -26,6 +26,7 @@ def test_every_group_has_options() -> None:
     assert GROUPS["scheduler"] == ["cosine", "none", "onecycle", "step"]
     assert set(GROUPS["trainer"]) == {"default", "debug"}
     assert set(GROUPS["logger"]) == {"none", "tensorboard"}
+    assert GROUPS["finetune"] == ["frozen_backbone", "full", "lora", "none"]
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])

@@ -110,6 +110,43 @@ class LoggerConfig:
 
 
 @dataclass
+class LoraConfig:
+    # Glob patterns over module names; matching Linear and Conv2d layers get adapters.
+    targets: list[str] = field(default_factory=list)  # [] turns LoRA off
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input only
+
+
+@dataclass
+class ParamGroupConfig:
+    params: list[str] = MISSING  # glob patterns over parameter names
+    lr_mult: float = 1.0  # times optimizer.lr
+    weight_decay: float | None = None  # None: optimizer.weight_decay (biases and norms get none)
+
+
+@dataclass
+class FinetuneConfig:
+    # A checkpoint (.pt) of this trainer or a .safetensors file: weights only.
+    init_from: str | None = None
+    strict: bool = True  # fail on keys missing from the file or left over in it
+    # "old:new" renames a dotted key prefix of the file before loading:
+    # [backbone:features] maps backbone.0.weight to features.0.weight, [model:] strips model.
+    key_map: list[str] = field(default_factory=list)
+    # Keys whose shape differs (a new head) keep the model's fresh init instead of failing.
+    skip_mismatched: bool = False
+    exclude: list[str] = field(default_factory=list)  # keys never loaded from the file
+    freeze: list[str] = field(default_factory=list)  # glob patterns over parameter names
+    # Frozen params join training from this (0-based) epoch on; None keeps them frozen.
+    unfreeze_at_epoch: int | None = None
+    # Norm layers whose params are all frozen also keep their running statistics.
+    freeze_norm_stats: bool = True
+    # First matching entry wins; unmatched params train at optimizer.lr.
+    param_groups: list[ParamGroupConfig] = field(default_factory=list)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+
+@dataclass
 class TrainConfig:
     """The root of `train.yaml`; groups are composed into the `Any` slots."""
 
@@ -120,6 +157,7 @@ class TrainConfig:
     scheduler: Any = None
     trainer: TrainerConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
     task_name: str = "train"
@@ -173,3 +211,4 @@ def register_configs() -> None:
     cs.store(group="schema", name="data", node=DataConfig)
     cs.store(group="schema", name="paths", node=PathsConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
+    cs.store(group="schema", name="finetune", node=FinetuneConfig)

@@ -22,6 +22,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from trainer.checkpoint import load_checkpoint, load_model_state
+    from trainer.finetune.export import build_model
     from trainer.trainer import AUTOCAST_DTYPES, evaluate_model
     from trainer.validation import check_model_fits_data, validate_eval_config
 
@@ -33,7 +34,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise CheckpointError(f"{cfg.ckpt_path} does not record the config it was trained with")
     saved = OmegaConf.create(saved)
     data_cfg = cfg.data if cfg.data is not None else saved.data
-    model = instantiate(saved.model, _convert_="all").to(device)
+    model = build_model(OmegaConf.to_container(saved)).to(device)  # with LoRA adapters, if any
     load_model_state(model, state["model"], str(cfg.ckpt_path))
     loss_fn = instantiate(saved.loss, _convert_="all")
     check_model_fits_data(model, loss_fn, data_cfg, device)

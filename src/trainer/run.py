@@ -82,6 +82,7 @@ def _train(
 ) -> float | None:
     from trainer.checkpoint import check_state_fits, unwrapped_state_dict
     from trainer.distributed import broadcast_object
+    from trainer.finetune import make_unfreezer, prepare_model
     from trainer.optim import build_optimizer
     from trainer.runtime import seed_everything
     from trainer.strategies import make_strategy
@@ -103,6 +104,8 @@ def _train(
     )
     resume_from = resume_state(cfg, files, device)
     model = instantiate(cfg.model, _convert_="all").to(device)
+    # Fine-tuning changes the model (weights, adapters, frozen params) before anything sees it.
+    prepared = prepare_model(model, cfg.finetune, resuming=resume_from is not None)
     loss_fn = instantiate(cfg.loss, _convert_="all")
     check_model_fits_data(model, loss_fn, cfg.data, device)
     if resume_from is not None:
@@ -132,11 +135,11 @@ def _train(
         # Every rank built the same weights (FSDP shards them as they are); from here
         # on each rank draws its own dropout masks.
         seed_everything(cfg.seed + ctx.rank, cfg.trainer.deterministic)
+    weight_decay, base_lr = cfg.optimizer.get("weight_decay", 0.0), cfg.optimizer.get("lr")
+    group_rules = OmegaConf.to_container(cfg.finetune.param_groups, resolve=True)
     try:
         optimizer = build_optimizer(
-            instantiate(cfg.optimizer, _convert_="all"),
-            model,
-            cfg.optimizer.get("weight_decay", 0.0),
+            instantiate(cfg.optimizer, _convert_="all"), model, weight_decay, group_rules, base_lr
         )
     except ValueError as e:  # torch.optim's range checks: betas, eps, momentum, ...
         raise ConfigError(f"optimizer ({cfg.optimizer._target_}): {e}") from None
@@ -149,6 +152,11 @@ def _train(
             )
         except ValueError as e:
             raise ConfigError(f"scheduler ({cfg.scheduler._target_}): {e}") from None
+    # Counted before any gradual unfreezing: what the first epochs train.
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    unfreezer = make_unfreezer(
+        model, prepared, cfg.finetune, optimizer, scheduler, weight_decay, base_lr
+    )
     logger = None
     if cfg.logger.get("_target_") and ctx.is_main:
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
@@ -173,6 +181,7 @@ def _train(
         dist=ctx,
         strategy=strategy,
         wrapped_model=wrapped_model,
+        unfreezer=unfreezer,
     )
     if resume_from is not None:
         state, source = resume_from
@@ -187,10 +196,11 @@ def _train(
             # was written; TensorBoard hides the crashed run's points after it.
             logger.purge_step = state.get("logger", {}).get("global_step", trainer.global_step) + 1
     log.info(
-        "training %s on %s: %d parameters, %d steps/epoch, up to %s steps",
+        "training %s on %s: %d parameters (%d trainable), %d steps/epoch, up to %s steps",
         type(model).__name__,
         device,
         sum(p.numel() for p in model.parameters()),
+        trainable_params,
         steps_per_epoch,
         int(max_steps),
     )
@@ -204,6 +214,7 @@ def _train(
         "monitor": cfg.trainer.monitor,
         "epochs": trainer.epoch,
         "steps": trainer.global_step,
+        "trainable_params": trainable_params,
         "stop_reason": fit["stop_reason"],
         "nan_skipped_steps": trainer.nan_guard.skipped,
         "resumed_from": resume_from[1] if resume_from else None,

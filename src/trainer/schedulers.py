@@ -90,9 +90,10 @@ def one_cycle(
             f"scheduler.pct_start={pct_start} of {total_steps} steps does not allow it; "
             "train for more steps, change pct_start, or use scheduler=cosine"
         )
+    # A float max_lr would give every group the same peak; keep their lr multipliers.
     return OneCycleLR(
         optimizer,
-        max_lr=max_lr,
+        max_lr=[max_lr * group.get("lr_mult", 1.0) for group in optimizer.param_groups],
         total_steps=total_steps,
         pct_start=pct_start,
         div_factor=div_factor,

@@ -74,6 +74,7 @@ def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) ->
         )
     _check_same_layout(trainer, state, source)
     trainer.strategy.load_model(trainer.model, state["model"], source)
+    trainer._unfreeze(state["epoch"])  # the saved optimizer has the unfrozen groups too
     trainer.strategy.load_optimizer(trainer.model, trainer.optimizer, state["optimizer"])
     if trainer.scheduler is not None and state.get("scheduler"):
         trainer.scheduler.load_state_dict(state["scheduler"])

@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,7 @@ class Trainer:
         dist: DistContext = SINGLE,
         strategy: SingleProcess | None = None,
         wrapped_model: nn.Module | None = None,
+        unfreezer: Callable[[int], bool] | None = None,
     ) -> None:
         self.cfg, self.device, self.max_steps, self.dist = cfg, device, max_steps, dist
         # `model` is the plain module (its names are checkpoint keys); `wrapped_model` is
@@ -129,6 +131,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self.accumulate = cfg.accumulate_grad_batches
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # Gradual unfreezing (finetune.unfreeze_at_epoch): called with each new epoch.
+        self.unfreezer = unfreezer
         self.maximize = cfg.monitor_mode == "max"
         # Position and history: everything a checkpoint must carry to continue exactly.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
@@ -160,6 +164,7 @@ class Trainer:
             self._train_epoch()
             if self.batch_in_epoch >= len(self.train_batches):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._unfreeze(self.epoch)
                 self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
                 if self.epoch % self.cfg.val_every_n_epochs == 0:
                     self._validate()
@@ -251,6 +256,11 @@ class Trainer:
                 flag = torch.tensor(float(self.preemption.requested), device=self.device)
                 self._preempted_agreed = all_reduce_sum(flag, self.dist).item() > 0
         return self._preempted_agreed
+
+    def _unfreeze(self, epoch: int) -> None:
+        # Before any checkpoint of `epoch`, so saved optimizer states include the new groups.
+        if self.unfreezer is not None and self.unfreezer(epoch):
+            self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _optimizer_step(self) -> None:
         if self.cfg.gradient_clip_val:
