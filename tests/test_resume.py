@@ -187,7 +187,7 @@ def test_malicious_checkpoint_is_refused_by_the_cli(tmp_path: Path) -> None:
 def test_checkpoint_of_another_model_names_keys_and_shapes(make_config, tmp_path) -> None:
     from trainer.run import train
 
-    small = ["trainer.max_steps=2", "trainer.max_epochs=null", "logger=none"]
+    small = ["trainer.max_steps=2", "trainer.max_epochs=null", "logger=none", "scheduler=none"]
     train(make_config(*small, "model.hidden_sizes=[32]", output_dir=tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
     cfg = make_config(*small, "model.hidden_sizes=[48]", f"ckpt_path={ckpt}")
@@ -202,7 +202,7 @@ def test_resume_guards(make_config, tmp_path: Path) -> None:
     from trainer.errors import ConfigError
     from trainer.run import train
 
-    small = ["trainer.max_steps=2", "trainer.max_epochs=null", "logger=none"]
+    small = ["trainer.max_steps=2", "trainer.max_epochs=null", "logger=none", "scheduler=none"]
     train(make_config(*small, "model.hidden_sizes=[16]"))
     # A new run into a folder with checkpoints would overwrite them: refused.
     with pytest.raises(ConfigError, match="already holds checkpoints.*resume=auto"):

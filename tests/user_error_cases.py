@@ -110,7 +110,7 @@ CASES = [
     Case("onecycle-too-short", ["trainer.max_steps=2"], "scheduler=onecycle needs each phase"),
     # Checkpoints.
     Case("ckpt-missing", ["ckpt_path={tmp}/nope.pt"], "does not exist"),
-    Case("ckpt-not-a-ckpt", ["ckpt_path={file}"], "is not a checkpoint"),
+    Case("ckpt-not-a-ckpt", ["ckpt_path={file}"], "not a file written by torch.save"),
     Case("ckpt-truncated", ["ckpt_path={tmp}/truncated.pt"], "truncated or corrupt"),
     Case(
         "ckpt-other-model",
@@ -121,7 +121,7 @@ CASES = [
     # Evaluation.
     Case("eval-no-ckpt", [], "ckpt_path is required", script="eval.py"),
     Case("eval-split", ["ckpt_path={ckpt}", "split=train"], "must be test or val", "eval.py"),
-    Case("eval-not-a-ckpt", ["ckpt_path={file}"], "is not a checkpoint", "eval.py"),
+    Case("eval-not-a-ckpt", ["ckpt_path={file}"], "not a file written by torch.save", "eval.py"),
     Case("eval-newer", ["ckpt_path={tmp}/newer.pt"], "newer than this version's", "eval.py"),
 ]
 # These get past the plain value checks, so they import torch (~2 s of CPU each) and

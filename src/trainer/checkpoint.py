@@ -129,7 +129,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     # torch.save writes a zip archive (the legacy format is a pickle, protocol >= 2).
     if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
         raise CheckpointError(
-            f"{path} is not a checkpoint (not a file written by torch.save); check ckpt_path"
+            f"{path} is not a readable checkpoint: not a file written by torch.save "
+            "(corrupt, or not a checkpoint at all); check ckpt_path"
         )
     if head.startswith(b"PK") and not zipfile.is_zipfile(path):
         raise CheckpointError(
