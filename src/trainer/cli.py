@@ -30,11 +30,20 @@ def _report_user_errors(run):
     try:
         return run()
     except UserError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        # In a sweep, SystemExit would end every job: trainer.sweep.SweepCallback
+        # records the failed job instead, and the sweep goes on.
+        if os.environ.get("HYDRA_FULL_ERROR") == "1" or _in_multirun():
             raise
         logging.getLogger("trainer").debug("user error", exc_info=True)
         print(f"error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")

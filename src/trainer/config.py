@@ -119,6 +119,11 @@ class EvalConfig:
 
 
 def register_configs() -> None:
+    from hydra_plugins.trainer_optuna_sweeper.optuna_sweeper import register as register_sweeper
+    from trainer.sweep import register_resolvers
+
+    register_resolvers()
+    register_sweeper()
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)

@@ -25,6 +25,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers."""
 
     from trainer.optim import build_optimizer
+    from trainer.pruning import pruning_callback
     from trainer.runtime import check_precision, seed_everything, select_device
     from trainer.trainer import Trainer
 
@@ -76,6 +77,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         checkpoint_cfg=cfg.checkpoint,
         seed=cfg.seed,
         run_config=OmegaConf.to_container(cfg, resolve=True),
+        callbacks=[c for c in (pruning_callback(cfg),) if c is not None],
     )
     if cfg.ckpt_path:
         trainer.resume(cfg.ckpt_path)
@@ -93,6 +95,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
     fit = trainer.fit()
     test = trainer.test() if cfg.trainer.test_after_fit else {}
     results = {
+        "status": "pruned" if fit["stop_reason"] == "pruned" else "completed",
         "metrics": {**trainer.best_metrics, **test},
         "last_val": trainer.last_val,
         "best_epoch": trainer.best_epoch,
@@ -104,6 +107,7 @@ def train(cfg: DictConfig, started: float | None = None) -> float | None:
         "fit_time_s": round(fit["fit_time_s"], 3),
         "wall_time_s": round(time.time() - started, 3),
         "overrides": task_overrides(),
+        "job_num": job_num(),
     }
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -147,6 +151,13 @@ def task_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
+
+
+def job_num() -> int | None:
+    """This job's number in a sweep (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
 
 
 def hparams(cfg: DictConfig) -> dict[str, Any]:

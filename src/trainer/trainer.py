@@ -77,12 +77,15 @@ class Trainer:
         checkpoint_cfg: Any = None,
         seed: int = 0,
         run_config: dict | None = None,
+        callbacks: list[Any] | None = None,
     ) -> None:
         self.cfg, self.device, self.max_steps = cfg, device, max_steps
         self.model = model
         self.forward_model = torch.compile(model) if cfg.compile else model
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.logger, self.run_config = logger, run_config
+        # Objects with on_validation_end(trainer, metrics); one may set trainer.stop_reason.
+        self.callbacks = list(callbacks or [])
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_cfg = checkpoint_cfg
         self.train_batches = data.batches("train", seed=seed, limit_batches=cfg.limit_train_batches)
@@ -260,6 +263,8 @@ class Trainer:
         if target is not None and (value >= target if self.maximize else value <= target):
             self.stop_reason = "stop_at"
             log.info("stop_at reached: %s=%.4f (target %s)", self.cfg.monitor, value, target)
+        for callback in self.callbacks:
+            callback.on_validation_end(self, metrics)
 
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""
