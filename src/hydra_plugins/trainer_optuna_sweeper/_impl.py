@@ -46,9 +46,7 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
             Path(storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
         study = optuna.create_study(
             study_name=self.study_name,
-            # Uncached: a cached storage would not see what the jobs (other
-            # connections) write into their trials, e.g. intermediate values.
-            storage=optuna.storages.RDBStorage(storage) if storage else None,
+            storage=storage,
             sampler=self.sampler,
             pruner=self.pruner,
             directions=directions,
@@ -61,6 +59,7 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
             directions,
             type(self.pruner).__name__ if self.pruner else None,
         )
+        jobs_view = optuna.storages.RDBStorage(storage) if storage else None
         to_go = self.n_trials
         while to_go > 0:
             trials = [study.ask() for _ in range(min(to_go, self.n_jobs))]
@@ -69,23 +68,26 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
                 returns = self._launch(trials, overrides)
             except BaseException:
                 for trial in trials:  # don't leave them RUNNING in the study forever
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 raise
             failed = 0
             for trial, ret in zip(trials, returns, strict=True):
                 if ret.status != JobStatus.COMPLETED:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                     ret.return_value  # noqa: B018 - re-raises the job's error
-                stored = study._storage.get_trial(trial._trial_id)
+                # The study caches its trials: read what the job wrote from the database.
+                stored = jobs_view.get_trial(trial._trial_id) if jobs_view else trial
+                for step, value in stored.intermediate_values.items():
+                    trial.report(value, step)  # into the cached copy the sampler reads
                 if PRUNED_ATTR in stored.user_attrs:
-                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    _tell(study, trial, state=optuna.trial.TrialState.PRUNED)
                 elif ret.return_value is None:  # failed; recorded in its folder
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                     failed += 1
                 else:
                     values = ret.return_value
                     values = list(values) if len(directions) > 1 else [float(values)]
-                    study.tell(trial, values=values)
+                    _tell(study, trial, values=values)
             to_go -= len(trials)
             if failed / len(trials) > self.max_failure_rate:
                 log.error(
@@ -134,3 +136,13 @@ def _grid_size(grid: dict[str, list[Any]]) -> int:
     for choices in grid.values():
         size *= len(choices)
     return size
+
+
+def _tell(study: Any, trial: Any, **kwargs: Any) -> None:
+    try:
+        study.tell(trial, **kwargs)
+    except RuntimeError as e:
+        # GridSampler calls study.stop() once the grid is done, which Optuna only
+        # allows inside study.optimize; the trial is recorded before that raises.
+        if "Study.stop" not in str(e):
+            raise
