@@ -28,8 +28,11 @@ def sweep(tmp_path: Path, *args: str, timeout: float = 600):
 
 
 def job_folders(sweep_dir: Path) -> list[Path]:
+    """Job folders in launch order (hydra.job.num)."""
+    from omegaconf import OmegaConf
+
     folders = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
-    return sorted(folders, key=lambda p: int(p.name.split("_", 1)[0]))
+    return sorted(folders, key=lambda p: OmegaConf.load(p / ".hydra" / "hydra.yaml").hydra.job.num)
 
 
 def results(folder: Path) -> dict:
@@ -43,13 +46,20 @@ def report(sweep_dir: Path, *args: str) -> tuple[str, list[dict[str, str]]]:
         return proc.stdout, list(csv.DictReader(f))
 
 
-def test_sweep_subdir_is_readable_safe_and_bounded() -> None:
-    name = sweep_subdir(3, "model.hidden_sizes=[64],optimizer.lr=0.0019960425587510337,tags=[a/b]")
-    assert name == "3_model.hidden_sizes=[64],optimizer.lr=0.001996,tags=[a_b]"
-    assert sweep_subdir(0, "") == "0"
-    long = sweep_subdir(12, "x=" + "a" * 400)
-    assert len(long) < 160 and long.startswith("12_x=aaa")
-    assert long != sweep_subdir(12, "x=" + "a" * 399)  # cut names stay distinct
+def test_sweep_subdir_is_readable_safe_and_unique() -> None:
+    assert sweep_subdir("model.hidden_sizes=[64],optimizer.lr=0.01") == (
+        "model.hidden_sizes=[64],optimizer.lr=0.01"
+    )
+    assert sweep_subdir("") == "default"
+    # A `/` would nest folders: replaced, and a hash keeps a=b/c apart from a=b_c.
+    slashed = sweep_subdir("tags=[a/b]")
+    assert "/" not in slashed and slashed.startswith("tags=[a_b]-")
+    assert slashed != sweep_subdir("tags=[a_b]")
+    long = sweep_subdir("x=" + "a" * 400)
+    assert len(long) <= 150 and long != sweep_subdir("x=" + "a" * 399)
+    # Optuna trials: <trial number>_<overrides>, suggested floats shortened.
+    trial = sweep_subdir("model.hidden_sizes=[64],optimizer.lr=0.0019960425587510337", 3)
+    assert trial == "3_model.hidden_sizes=[64],optimizer.lr=0.001996"
 
 
 @pytest.mark.slow
@@ -67,13 +77,13 @@ def test_grid_sweep_gives_a_folder_tensorboard_run_and_report_row_per_job(tmp_pa
     folders = job_folders(sweep_dir)
     assert len(folders) == 4
     values, by_lr = {}, {}
+    rest = "trainer.limit_train_batches=20,trainer.log_every_n_steps=10,trainer.max_epochs=1"
     for num, folder in enumerate(folders):
         job = results(folder)
         assert job["status"] == "completed" and job["job_num"] == num
         lr = next(o for o in job["overrides"] if o.startswith("optimizer.lr=")).split("=")[1]
         seed = next(o for o in job["overrides"] if o.startswith("seed=")).split("=")[1]
-        assert folder.name.startswith(f"{num}_") and f"optimizer.lr={lr}" in folder.name
-        assert f"seed={seed}" in folder.name
+        assert folder.name == f"model.hidden_sizes=[32],optimizer.lr={lr},seed={seed},{rest}"
         values[num] = job["metrics"]["val/acc"]
         by_lr.setdefault(lr, []).append(values[num])
     assert len(set(values.values())) == 4  # the seeds made a difference
@@ -151,7 +161,8 @@ def test_continue_on_error_false_stops_the_sweep_at_the_first_failure(tmp_path: 
         "hydra.callbacks.sweep.continue_on_error=false",
     )
     assert proc.returncode == 1 and "stopping the sweep" in proc.stderr
-    assert [f.name.split("_")[0] for f in job_folders(sweep_dir)] == ["0"]
+    (only,) = job_folders(sweep_dir)
+    assert "data.batch_size=100000" in only.name
 
 
 @pytest.mark.slow
@@ -250,3 +261,28 @@ def test_optuna_sweep_of_three_trials_prunes_the_hopeless_ones(tmp_path: Path) -
 
     _, rows = report(sweep_dir)
     assert [r["status"] for r in rows] == ["completed", "pruned", "pruned"]
+
+
+@pytest.mark.slow
+def test_optuna_search_continues_from_the_study_in_its_folder(tmp_path: Path) -> None:
+    optuna = pytest.importorskip("optuna")
+    args = [
+        *SHORT,
+        "trainer=debug",
+        "trainer.max_epochs=1",
+        "trainer.test_after_fit=false",
+        "hparams_search=mnist_optuna",
+        "hydra.sweeper.n_trials=1",
+        "hydra.sweeper.pruner=null",
+    ]
+    first, sweep_dir = sweep(tmp_path, *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second, same_dir = sweep(tmp_path, *args)  # the same sweep folder, so the same study
+    assert second.returncode == 0 and same_dir == sweep_dir, second.stderr[-3000:]
+    study = optuna.load_study(study_name="mnist_optuna", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    assert [t.number for t in study.trials] == [0, 1]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    folders = job_folders(sweep_dir)
+    assert [f.name.split("_", 1)[0] for f in folders] == ["0", "1"]
+    for trial, folder in zip(study.trials, folders, strict=True):
+        assert trial.value == results(folder)["metrics"]["val/acc"]

@@ -45,17 +45,27 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9=,.+\-_\[\]~@]")
 _LONG_FLOAT = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")
 
 
-def sweep_subdir(job_num: Any, override_dirname: str) -> str:
-    """`<num>_<overrides>`: unique, in launch order, and says what the job changed.
+def sweep_subdir(override_dirname: str, job_num: Any = None) -> str:
+    """A sweep job's folder, and its TensorBoard run name under `--logdir <sweep dir>`.
 
-    This is also the job's TensorBoard run name under `tensorboard --logdir <sweep dir>`.
+    Without `job_num` (grid sweeps): the job's sorted overrides, so a rerun of the
+    sweep finds each job by what it runs; a name that had to be made safe (a `/`
+    in a value) or cut gets a hash of the whole, so names stay unique.
+    With `job_num` (Optuna: the trial number): `<num>_<overrides>` with floats
+    shortened, unique by the number.
     """
-    name = _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", str(override_dirname))
-    name = _UNSAFE.sub("_", name)
-    if len(name) > MAX_DIRNAME:
-        digest = hashlib.sha1(name.encode()).hexdigest()[:8]
-        name = f"{name[: MAX_DIRNAME - 9]}~{digest}"
-    return f"{job_num}_{name}" if name else str(job_num)
+    text = str(override_dirname)
+    if job_num is not None:
+        name = _UNSAFE.sub("_", _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", text))
+        name = f"{job_num}_{name}" if name else str(job_num)
+        return name[:MAX_DIRNAME]
+    if not text:
+        return "default"
+    name = _UNSAFE.sub("_", text)
+    if name != text or len(name) > MAX_DIRNAME:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        name = f"{name[: MAX_DIRNAME - 11]}-{digest}"
+    return name
 
 
 def register_resolvers() -> None:
@@ -105,6 +115,16 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A continued sweep reuses its folder: only this invocation's failures count.
         self._started = time.time() - 1.0
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_multirun(config):
+            return
+        # A rerun of a sweep reuses job folders: an earlier failure is no longer this job's.
+        output_dir = Path(config.hydra.runtime.output_dir)
+        (output_dir / ERROR_FILE).unlink(missing_ok=True)
+        results = output_dir / RESULTS_FILE
+        if results.is_file() and '"status": "failed"' in results.read_text():
+            results.unlink()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         if not is_multirun(config) or job_return.status != JobStatus.FAILED:

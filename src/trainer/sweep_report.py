@@ -55,8 +55,10 @@ def read_job(folder: Path) -> Job:
     status = results.get("status", "completed") if results else "unfinished"
     if error:
         status = "failed"
-    prefix = folder.name.split("_", 1)[0]
-    num = results.get("job_num", int(prefix) if prefix.isdigit() else None)
+    num = results.get("job_num")
+    if num is None:  # unfinished: no results.json yet
+        hydra = OmegaConf.load(folder / ".hydra" / "hydra.yaml").hydra
+        num = OmegaConf.select(hydra, "job.num", default=None)
     return Job(folder, num, overrides, status, results, results.get("error", error))
 
 
@@ -219,7 +221,7 @@ def render(report: dict[str, Any], sweep_dir: Path) -> str:
     if report["common"]:
         shared = " ".join(f"{k}={v}" for k, v in report["common"].items())
         parts.append(f"Overrides shared by all jobs: `{shared}`")
-    # The job number names the folder (<num>_<overrides>); the CSV has the full name.
+    # The overrides name the folder; the CSV has the folder name too.
     parts.append(
         markdown_table([{k: v for k, v in r.items() if k != "folder"} for r in report["rows"]])
     )
