@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ def test_sweep_subdir_is_readable_safe_and_unique() -> None:
 @pytest.mark.slow
 def test_grid_sweep_gives_a_folder_tensorboard_run_and_report_row_per_job(tmp_path: Path) -> None:
     """A 2x2 grid, lr x seed: one folder, TB run and report row per job; mean ± std per lr."""
+    started = time.monotonic()
     proc, sweep_dir = sweep(
         tmp_path,
         *SHORT,
@@ -87,6 +89,8 @@ def test_grid_sweep_gives_a_folder_tensorboard_run_and_report_row_per_job(tmp_pa
         values[num] = job["metrics"]["val/acc"]
         by_lr.setdefault(lr, []).append(values[num])
     assert len(set(values.values())) == 4  # the seeds made a difference
+    # Each job's time is its own, though the jobs ran in one process.
+    assert sum(results(f)["wall_time_s"] for f in folders) < time.monotonic() - started
 
     # `tensorboard --logdir <sweep dir>`: one run per job, named by its overrides.
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
@@ -286,3 +290,26 @@ def test_optuna_search_continues_from_the_study_in_its_folder(tmp_path: Path) ->
     assert [f.name.split("_", 1)[0] for f in folders] == ["0", "1"]
     for trial, folder in zip(study.trials, folders, strict=True):
         assert trial.value == results(folder)["metrics"]["val/acc"]
+
+
+def test_submitit_slurm_keys_in_docs_compose(tmp_path: Path) -> None:
+    """The SLURM command in docs/sweeps.md composes (no cluster here to run it on)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_module
+
+    overrides = [
+        "hydra/launcher=submitit_slurm",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.gpus_per_node=1",
+        "hydra.launcher.cpus_per_task=8",
+        "hydra.launcher.mem_gb=32",
+        "hydra.launcher.timeout_min=240",
+        "hydra.launcher.max_num_timeout=3",
+        "+hydra.launcher.additional_parameters.requeue=true",
+    ]
+    with initialize_config_module("trainer.configs", version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
+    assert launcher.max_num_timeout == 3 and launcher.additional_parameters.requeue is True

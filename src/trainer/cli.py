@@ -50,7 +50,9 @@ def _in_multirun() -> bool:
 def _train(cfg: DictConfig) -> float | None:
     from trainer.run import train
 
-    return _report_user_errors(lambda: train(cfg, started=STARTED))
+    # Jobs of a sweep share the process: a job's wall time starts with the job.
+    started = None if _in_multirun() else STARTED
+    return _report_user_errors(lambda: train(cfg, started=started))
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
