@@ -313,3 +313,42 @@ def test_submitit_slurm_keys_in_docs_compose(tmp_path: Path) -> None:
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 240)
     assert launcher.max_num_timeout == 3 and launcher.additional_parameters.requeue is True
+
+
+def test_a_bug_in_a_job_is_recorded_with_its_traceback_and_cleared_on_rerun(
+    tmp_path: Path,
+) -> None:
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from trainer.sweep import SweepCallback
+
+    job_dir = tmp_path / "a=1"
+    (job_dir / ".hydra").mkdir(parents=True)
+    hydra = {"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(job_dir)}, "job": {"num": 7}}
+    config = OmegaConf.create({"hydra": {**hydra, "sweep": {"dir": str(tmp_path)}}})
+    try:
+        {}["missing"]
+    except KeyError as e:
+        error = e
+    job_return = JobReturn(overrides=["a=1"], status=JobStatus.FAILED, _return_value=error)
+    callback = SweepCallback()
+    callback.on_multirun_start(config)
+    callback.on_job_start(config)
+    callback.on_job_end(config, job_return)
+    # The sweeper gets a finished job with no value, so it goes on.
+    assert job_return.status == JobStatus.COMPLETED and job_return.return_value is None
+    text = (job_dir / "error.txt").read_text()
+    assert text.startswith("Traceback") and text.strip().endswith("KeyError: 'missing'")
+    assert results(job_dir) == {
+        "job_num": 7,
+        "overrides": ["a=1"],
+        "status": "failed",
+        "error": "KeyError: 'missing'",
+    }
+    with pytest.raises(SystemExit) as exit_info:
+        callback.on_multirun_end(config)
+    assert exit_info.value.code == 1
+    callback.on_job_start(config)  # the job runs again in the same folder
+    assert not (job_dir / "error.txt").exists() and not (job_dir / "results.json").exists()

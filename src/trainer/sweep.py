@@ -84,15 +84,18 @@ def record_failure(output_dir: Path, error: BaseException, job: dict[str, Any]) 
     detail = line if isinstance(error, UserError) else "".join(traceback.format_exception(error))
     (output_dir / ERROR_FILE).write_text(detail.rstrip() + "\n")
     results_path = output_dir / RESULTS_FILE
-    results: dict[str, Any] = {}
-    if results_path.is_file():  # failed after writing its results: keep them
-        try:
-            results = json.loads(results_path.read_text())
-        except json.JSONDecodeError:
-            results = {}
+    # A job that failed after writing its results keeps them.
+    results = _read_json(results_path) if results_path.is_file() else {}
     results.update({**job, "status": "failed", "error": line})
     results_path.write_text(json.dumps(results, indent=2) + "\n")
     return line
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
 
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
@@ -123,7 +126,7 @@ class SweepCallback(Callback):
         output_dir = Path(config.hydra.runtime.output_dir)
         (output_dir / ERROR_FILE).unlink(missing_ok=True)
         results = output_dir / RESULTS_FILE
-        if results.is_file() and '"status": "failed"' in results.read_text():
+        if results.is_file() and _read_json(results).get("status") == "failed":
             results.unlink()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
