@@ -264,7 +264,11 @@ def test_optuna_sweep_of_three_trials_prunes_the_hopeless_ones(tmp_path: Path) -
     assert len(states) == 2
 
     _, rows = report(sweep_dir)
-    assert [r["status"] for r in rows] == ["completed", "pruned", "pruned"]
+    assert [(r["status"], r["rank"]) for r in rows] == [
+        ("completed", "1"),
+        ("pruned", ""),
+        ("pruned", ""),
+    ]
 
 
 @pytest.mark.slow

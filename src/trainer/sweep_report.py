@@ -84,13 +84,16 @@ def metric_and_mode(jobs: list[Job], metric: str | None, mode: str | None) -> tu
 
 
 def sort_jobs(jobs: list[Job], metric: str, mode: str) -> list[Job]:
+    """Completed jobs by the metric, then pruned ones (stopped early: not comparable), then
+    failed and unfinished ones."""
     sign = -1.0 if mode == "max" else 1.0
+    order = {"completed": 0, "pruned": 1}
 
     def key(job: Job) -> tuple[int, float, int]:
         value = job.metric(metric)
-        if job.status not in FINISHED or value is None:
-            return (1, 0.0, job.num or 0)
-        return (0, sign * value, job.num or 0)
+        if job.status not in order or value is None:
+            return (2, 0.0, job.num or 0)
+        return (order[job.status], sign * value, job.num or 0)
 
     return sorted(jobs, key=key)
 
@@ -114,7 +117,8 @@ def fmt(value: Any) -> str:
 def job_rows(jobs: list[Job], keys: list[str], metrics: list[str]) -> list[dict[str, Any]]:
     rows = []
     for rank, job in enumerate(jobs, 1):
-        row: dict[str, Any] = {"rank": rank if job.status in FINISHED else "", "job": job.num}
+        ranked = job.status == "completed" and job.metric(metrics[0]) is not None
+        row: dict[str, Any] = {"rank": rank if ranked else "", "job": job.num}
         row.update({k: job.params.get(k, "") for k in keys})
         row.update({m: job.metric(m) for m in metrics})
         row["epochs"] = job.results.get("epochs")
@@ -203,7 +207,7 @@ def build_report(
         groups = seed_group_rows(jobs, config_keys, metrics, mode)
         if len(groups) < len(jobs):
             report["groups"] = groups
-    best = jobs[0] if jobs[0].status in FINISHED and jobs[0].metric(metric) is not None else None
+    best = jobs[0] if jobs[0].status == "completed" and jobs[0].metric(metric) is not None else None
     report["best"] = best
     return report
 
