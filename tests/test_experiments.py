@@ -28,6 +28,5 @@ SHORT = [
 def test_experiment_recipe_learns_on_a_short_run(make_config, experiment, model, data) -> None:
     cfg = make_config(f"experiment={experiment}", *SHORT)
     assert cfg.model._target_.endswith(model) and cfg.data.name == data
-    assert experiment.split("_")[0] in "".join(cfg.tags).replace("fashion_mnist", "fashion")
     # 20 steps of the recipe take it from chance (0.1) to well past it.
     assert train(cfg) > 0.5
