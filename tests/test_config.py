@@ -101,4 +101,8 @@ def test_packaged_configs_list_matches_source_tree() -> None:
         + ("." + ".".join(p.parent.relative_to(REPO / "src" / "trainer").parts)).rstrip(".")
         for p in (REPO / "src" / "trainer").rglob("__init__.py")
     }
-    assert on_disk | {"trainer.configs"} == listed
+    plugins = {
+        "hydra_plugins." + p.parent.name
+        for p in (REPO / "src" / "hydra_plugins").glob("*/__init__.py")
+    }
+    assert on_disk | plugins | {"trainer.configs"} == listed

@@ -42,12 +42,21 @@ register_configs()
 _user_full_error: str | None = None
 
 
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _train(cfg: DictConfig) -> float | None:
     from trainer.run import train
 
+    # Jobs of a sweep share the process: a job's wall time starts with the job.
+    started = None if _in_multirun() else STARTED
     with _user_environment():
-        return train(cfg, started=STARTED)
+        return train(cfg, started=started)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
@@ -112,7 +121,9 @@ def _user_environment() -> Iterator[None]:
         raise SystemExit(EXIT_PREEMPTED) from None
     except Exception as e:
         message = None if _user_full_error == "1" else describe_user_error(e)
-        if message is None:
+        if message is None or _in_multirun():
+            # In a sweep, SystemExit would end every job: trainer.sweep.SweepCallback
+            # records the failed job (one line for a user error) and the sweep goes on.
             raise
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
@@ -164,3 +175,10 @@ def _give_non_main_ranks_a_scratch_dir() -> None:
     scratch = tempfile.mkdtemp(prefix=f"trainer-rank{os.environ['RANK']}-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN

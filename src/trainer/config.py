@@ -204,6 +204,11 @@ def job_dirname(override_dirname: str) -> str:
 def register_configs() -> None:
     OmegaConf.register_new_resolver("trainer.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("trainer.job_dirname", job_dirname, replace=True)
+    from hydra_plugins.trainer_optuna_sweeper.optuna_sweeper import register as register_sweeper
+    from trainer.sweep import register_resolvers
+
+    register_resolvers()
+    register_sweeper()
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)

@@ -84,6 +84,7 @@ def _train(
     from trainer.distributed import broadcast_object
     from trainer.finetune import make_unfreezer, prepare_model
     from trainer.optim import build_optimizer
+    from trainer.pruning import pruning_callback
     from trainer.runtime import seed_everything
     from trainer.strategies import make_strategy
     from trainer.trainer import Trainer
@@ -182,6 +183,8 @@ def _train(
         strategy=strategy,
         wrapped_model=wrapped_model,
         unfreezer=unfreezer,
+        # Pruning decides per trial in one process; ranks would have to agree on it.
+        callbacks=[] if ctx.enabled else [c for c in (pruning_callback(cfg),) if c],
     )
     if resume_from is not None:
         state, source = resume_from
@@ -207,6 +210,7 @@ def _train(
     fit = trainer.fit()
     test = trainer.test() if cfg.trainer.test_after_fit else {}
     results = {
+        "status": "pruned" if fit["stop_reason"] == "pruned" else "completed",
         "metrics": {**trainer.best_metrics, **test},
         "last_val": trainer.last_val,
         "best_epoch": trainer.best_epoch,
@@ -222,6 +226,7 @@ def _train(
         "wall_time_s": round(time.time() - started, 3),
         "overrides": overrides,
         "world_size": ctx.world_size,
+        "job_num": job_num(),
     }
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -294,6 +299,13 @@ def task_overrides() -> list[str]:
     if not HydraConfig.initialized():
         return []
     return list(HydraConfig.get().overrides.task)
+
+
+def job_num() -> int | None:
+    """This job's number in a sweep (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
 
 
 def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:

@@ -91,6 +91,7 @@ class Trainer:
         strategy: SingleProcess | None = None,
         wrapped_model: nn.Module | None = None,
         unfreezer: Callable[[int], bool] | None = None,
+        callbacks: list[Any] | None = None,
     ) -> None:
         self.cfg, self.device, self.max_steps, self.dist = cfg, device, max_steps, dist
         # `model` is the plain module (its names are checkpoint keys); `wrapped_model` is
@@ -102,6 +103,8 @@ class Trainer:
         )
         self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
         self.logger, self.run_config = logger, run_config
+        # Objects with on_validation_end(trainer, metrics); one may set trainer.stop_reason.
+        self.callbacks = list(callbacks or [])
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_cfg = checkpoint_cfg
         self.files = (
@@ -388,6 +391,8 @@ class Trainer:
         if target is not None and (value >= target if self.maximize else value <= target):
             self.stop_reason = "stop_at"
             log.info("stop_at reached: %s=%.4f (target %s)", self.cfg.monitor, value, target)
+        for callback in self.callbacks:
+            callback.on_validation_end(self, metrics)
 
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""

@@ -1,0 +1,164 @@
+"""Multirun bookkeeping: readable job folders, failed jobs recorded, a sweep exit code.
+
+`SweepCallback` is a Hydra callback (configs/hydra/default.yaml,
+`hydra.callbacks.sweep`). In a multirun it
+
+- writes a failed job's error into its own folder (`error.txt`, and
+  `results.json` with `"status": "failed"`), so the report can mark it;
+- lets the sweep go on (`continue_on_error: true`): Hydra's sweepers re-raise
+  a failed job's exception and stop, so the callback hands the sweeper a
+  completed job with no value instead; with `false` the sweep stops there;
+- exits with code 1 at the end of the sweep if any of its jobs failed.
+
+Jobs may run in other processes (submitit, joblib), so failures are found
+again from the job folders, not from memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EXIT_JOBS_FAILED = 1
+ERROR_FILE = "error.txt"
+RESULTS_FILE = "results.json"
+# Longer folder names are cut and given a hash: file systems allow 255 bytes.
+MAX_DIRNAME = 150
+_UNSAFE = re.compile(r"[^A-Za-z0-9=,.+\-_\[\]~@]")
+# Optuna suggests floats like 0.0019960425587510337: four significant digits name them.
+_LONG_FLOAT = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")
+
+
+def sweep_subdir(override_dirname: str, job_num: Any = None) -> str:
+    """A sweep job's folder, and its TensorBoard run name under `--logdir <sweep dir>`.
+
+    Without `job_num` (grid sweeps): the job's sorted overrides, so a rerun of the
+    sweep finds each job by what it runs; a name that had to be made safe (a `/`
+    in a value) or cut gets a hash of the whole, so names stay unique.
+    With `job_num` (Optuna: the trial number): `<num>_<overrides>` with floats
+    shortened, unique by the number.
+    """
+    text = str(override_dirname)
+    if job_num is not None:
+        name = _UNSAFE.sub("_", _LONG_FLOAT.sub(lambda m: f"{float(m.group()):.4g}", text))
+        name = f"{job_num}_{name}" if name else str(job_num)
+        return name[:MAX_DIRNAME]
+    if not text:
+        return "default"
+    name = _UNSAFE.sub("_", text)
+    if name != text or len(name) > MAX_DIRNAME:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        name = f"{name[: MAX_DIRNAME - 11]}-{digest}"
+    return name
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("sweep_subdir"):
+        OmegaConf.register_new_resolver("sweep_subdir", sweep_subdir)
+
+
+def is_multirun(config: DictConfig) -> bool:
+    return config.hydra.mode == RunMode.MULTIRUN
+
+
+def record_failure(output_dir: Path, error: BaseException, job: dict[str, Any]) -> str:
+    """Write the error next to whatever the job already wrote; returns its one-line form."""
+    line = f"{type(error).__name__}: {error}"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    detail = line if isinstance(error, UserError) else "".join(traceback.format_exception(error))
+    (output_dir / ERROR_FILE).write_text(detail.rstrip() + "\n")
+    results_path = output_dir / RESULTS_FILE
+    # A job that failed after writing its results keeps them.
+    results = _read_json(results_path) if results_path.is_file() else {}
+    results.update({**job, "status": "failed", "error": line})
+    results_path.write_text(json.dumps(results, indent=2) + "\n")
+    return line
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
+    """(folder, error line) of every job under `sweep_dir` that failed after `since`."""
+    failed = []
+    for error_file in sorted(sweep_dir.glob(f"*/{ERROR_FILE}")):
+        if error_file.stat().st_mtime < since:
+            continue
+        # A traceback ends with the `Type: message` line that a user error consists of.
+        lines = error_file.read_text().strip().splitlines() or ["unknown error"]
+        failed.append((error_file.parent, lines[-1]))
+    return failed
+
+
+class SweepCallback(Callback):
+    def __init__(self, continue_on_error: bool = True) -> None:
+        self.continue_on_error = continue_on_error
+        self._started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # A continued sweep reuses its folder: only this invocation's failures count.
+        self._started = time.time() - 1.0
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_multirun(config):
+            return
+        # A rerun of a sweep reuses job folders: an earlier failure is no longer this job's.
+        output_dir = Path(config.hydra.runtime.output_dir)
+        (output_dir / ERROR_FILE).unlink(missing_ok=True)
+        results = output_dir / RESULTS_FILE
+        if results.is_file() and _read_json(results).get("status") == "failed":
+            results.unlink()
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not is_multirun(config) or job_return.status != JobStatus.FAILED:
+            return
+        error = job_return._return_value
+        output_dir = Path(config.hydra.runtime.output_dir)
+        job = {"job_num": config.hydra.job.num, "overrides": list(job_return.overrides or [])}
+        line = record_failure(output_dir, error, job)
+        if isinstance(error, UserError):
+            log.error("job %s failed: %s", config.hydra.job.num, line)
+        else:
+            log.error("job %s failed", config.hydra.job.num, exc_info=error)
+        if not self.continue_on_error:
+            print(f"error: {line} (in {output_dir}); stopping the sweep", file=sys.stderr)
+            raise SystemExit(EXIT_JOBS_FAILED)
+        # The sweeper would re-raise the error and stop: hand it a finished job with no value.
+        job_return.status = JobStatus.COMPLETED
+        job_return.return_value = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        failed = failed_jobs(sweep_dir, since=self._started)
+        if not failed:
+            return
+        total = sum(1 for p in sweep_dir.glob("*/.hydra") if p.stat().st_mtime >= self._started)
+        print(
+            f"error: {len(failed)} of {max(total, len(failed))} jobs failed; "
+            f"the others' results are in {sweep_dir} (errors in <job>/{ERROR_FILE}):",
+            file=sys.stderr,
+        )
+        for folder, line in failed:
+            print(f"  {folder.name}: {line}", file=sys.stderr)
+        sys.stderr.flush()
+        raise SystemExit(EXIT_JOBS_FAILED)
