@@ -202,7 +202,7 @@ def test_resume_guards(make_config, tmp_path: Path) -> None:
     from trainer.errors import ConfigError
     from trainer.run import train
 
-    small = ["trainer.max_steps=2", "trainer.max_epochs=null", "logger=none", "scheduler=none"]
+    small = ["trainer.max_steps=2", "trainer.max_epochs=null", "logger=none", "scheduler=cosine"]
     train(make_config(*small, "model.hidden_sizes=[16]"))
     # A new run into a folder with checkpoints would overwrite them: refused.
     with pytest.raises(ConfigError, match="already holds checkpoints.*resume=auto"):

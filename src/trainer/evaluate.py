@@ -22,8 +22,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     import torch
 
     from trainer.checkpoint import load_checkpoint, load_model_state
+    from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
     from trainer.finetune.export import build_model
-    from trainer.trainer import AUTOCAST_DTYPES, evaluate_model
     from trainer.validation import check_model_fits_data, validate_eval_config
 
     device = validate_eval_config(cfg)

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from trainer.checkpoint import load_checkpoint
 from trainer.distributed import SINGLE, DistContext, all_reduce_sum, barrier
 from trainer.errors import ConfigError, Preempted
+from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
 from trainer.nan_guard import NanGuard
 from trainer.preemption import PreemptionHandler
 from trainer.resume import CheckpointFiles
@@ -36,38 +37,6 @@ from trainer.state import load_training_state, training_state
 from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-@torch.inference_mode()
-def evaluate_model(
-    model: nn.Module,
-    batches: Any,
-    loss_fn: nn.Module,
-    prefix: str,
-    autocast: Any = contextlib.nullcontext,
-    dist: DistContext = SINGLE,
-) -> dict[str, float]:
-    """Mean loss and accuracy over `batches`, summed on the device and read back once.
-
-    Under torch.distributed each rank scores its shard and the sums are
-    all-reduced, so the result equals a single-process evaluation.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
-    for x, y in batches.epoch(0):
-        with autocast():
-            logits = model(x)
-            batch_loss = loss_fn(logits, y).float() * len(y)
-        totals[0] += batch_loss
-        totals[1] += (logits.argmax(dim=1) == y).sum()
-        totals[2] += len(y)
-    loss_total, correct_total, count = all_reduce_sum(totals, dist).tolist()
-    if count == 0:
-        return {f"{prefix}/loss": math.nan, f"{prefix}/acc": math.nan}
-    return {f"{prefix}/loss": loss_total / count, f"{prefix}/acc": correct_total / count}
 
 
 class Trainer:
