@@ -105,19 +105,26 @@ CASES = [
     Case("data-truncated", ["data.download=false"], "truncated data", env={"D": "truncated"}),
     Case("data-count", ["data.download=false"], "holds 9999 labels", env={"D": "count"}),
     Case("data-dir-unwritable", ["paths.data_dir={file}/data"], "is not writable"),
-    Case("labels-vs-classes", ["data.num_classes=5"], "labels range from 0 to 9"),
+    Case("labels-vs-classes", ["data.num_classes=5"], "labels range from 0 to 9", in_run_dir=False),
     Case("val-size", ["data.val_size=60000"], "smaller than the 60000 training images"),
     Case("onecycle-too-short", ["trainer.max_steps=2"], "scheduler=onecycle needs each phase"),
     # Checkpoints.
     Case("ckpt-missing", ["ckpt_path={tmp}/nope.pt"], "does not exist"),
-    Case("ckpt-not-a-ckpt", ["ckpt_path={file}"], "not a file written by torch.save"),
-    Case("ckpt-truncated", ["ckpt_path={tmp}/truncated.pt"], "truncated or corrupt"),
+    Case(
+        "ckpt-not-a-ckpt",
+        ["ckpt_path={file}"],
+        "not a file written by torch.save",
+        in_run_dir=False,
+    ),
+    Case(
+        "ckpt-truncated", ["ckpt_path={tmp}/truncated.pt"], "truncated or corrupt", in_run_dir=False
+    ),
     Case(
         "ckpt-other-model",
         ["ckpt_path={ckpt}", "model.hidden_sizes=[32]"],
         "does not fit this model (shape mismatch: net.",
     ),
-    Case("ckpt-newer", ["ckpt_path={tmp}/newer.pt"], "newer than this version's"),
+    Case("ckpt-newer", ["ckpt_path={tmp}/newer.pt"], "newer than this version's", in_run_dir=False),
     # Evaluation.
     Case("eval-no-ckpt", [], "ckpt_path is required", script="eval.py"),
     Case("eval-split", ["ckpt_path={ckpt}", "split=train"], "must be test or val", "eval.py"),
