@@ -122,7 +122,10 @@ def main() -> None:
         f"model={cfg.model._target_.rsplit('.', 1)[-1]} batch={cfg.data.batch_size} "
         f"steps/epoch={len(train_batches)} threads={torch.get_num_threads()}"
     )
-    hand_loop(cfg, data, train_batches, val_batches)  # warm-up: allocator, thread pool
+    # Warm-up of both: allocator, thread pool, and one-time imports (TensorBoard).
+    hand_loop(cfg, data, train_batches, val_batches)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer_loop(cfg, data, Path(tmp))
     ratios, hand_rates, trainer_rates = [], [], []
     for round_ in range(args.rounds):
         with tempfile.TemporaryDirectory() as tmp:

@@ -61,7 +61,7 @@ def main() -> None:
                 sys.executable,
                 str(REPO / "train.py"),
                 "trainer.max_epochs=1",
-                "trainer.limit_train_batches=3",
+                "trainer.limit_train_batches=8",
                 f"hydra.run.dir={tmp}/run{i}",
                 *args.overrides,
             ]

@@ -34,15 +34,28 @@ class CheckpointFiles:
         self.folder, self.save_last, self.keep_last_k = Path(folder), save_last, keep_last_k
         self.last, self.best = self.folder / "last.pt", self.folder / "best.pt"
 
-    def save(self, state: dict[str, Any], step: int) -> Path | None:
-        """Write the state of `step`; returns the file written (None if none is configured)."""
+    def save(
+        self, state: dict[str, Any] | None, step: int, same_as: Path | None = None
+    ) -> Path | None:
+        """Write the state of `step`; returns the file written (None if none is configured).
+
+        `same_as` names a finished file that already holds this state (best.pt saved
+        at the same step): it is hard-linked instead of written a second time.
+        """
+
+        def write(path: Path) -> None:
+            if same_as is not None:
+                link_checkpoint(same_as, path)
+            else:
+                save_checkpoint(state, path)
+
         if self.keep_last_k == 0:
             if not self.save_last:
                 return None
-            save_checkpoint(state, self.last)
+            write(self.last)
             return self.last
         path = self.folder / f"step_{step:08d}.pt"
-        save_checkpoint(state, path)
+        write(path)
         if self.save_last:
             link_checkpoint(path, self.last)
         self.prune()

@@ -20,9 +20,11 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
@@ -37,6 +39,20 @@ from trainer.state import load_training_state, training_state
 from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
+
+
+def plain_config(cfg: Any) -> Any:
+    """A DictConfig as its schema's dataclass (or a namespace); anything else as is."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    return _namespace(obj) if isinstance(obj, dict) else obj
+
+
+def _namespace(value: Any) -> Any:
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    return value
 
 
 class Trainer:
@@ -62,6 +78,8 @@ class Trainer:
         unfreezer: Callable[[int], bool] | None = None,
         callbacks: list[Any] | None = None,
     ) -> None:
+        # Plain objects, not DictConfigs: their attribute reads cost microseconds per step.
+        cfg, checkpoint_cfg = plain_config(cfg), plain_config(checkpoint_cfg)
         self.cfg, self.device, self.max_steps, self.dist = cfg, device, max_steps, dist
         # `model` is the plain module (its names are checkpoint keys); `wrapped_model` is
         # what the strategy made of it (DDP / FSDP), and compile goes around that.
@@ -117,6 +135,7 @@ class Trainer:
         self._lr = optimizer.param_groups[0]["lr"]
         self._reset_train_meters()
         self._saved_key: tuple | None = None
+        self._best_key: tuple | None = None
         self._saved_path: Path | None = None
         self._save_pending, self._last_save_time = False, time.monotonic()
         self._preempted_agreed = False
@@ -125,13 +144,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         started = time.perf_counter()
         max_epochs = self.cfg.max_epochs or math.inf
+        self._stop_at_limits(max_epochs)
         while self.stop_reason is None:
-            if self.epoch >= max_epochs:
-                self.stop_reason = "max_epochs"
-                break
-            if self.global_step >= self.max_steps:
-                self.stop_reason = "max_steps"
-                break
             epoch_started = time.perf_counter()
             self._train_epoch()
             if self.batch_in_epoch >= len(self.train_batches):
@@ -140,6 +154,8 @@ class Trainer:
                 self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
                 if self.epoch % self.cfg.val_every_n_epochs == 0:
                     self._validate()
+                # Known before the save, so the final state is written once, not twice.
+                self._stop_at_limits(max_epochs)
                 every = self.checkpoint_cfg.every_n_epochs if self.checkpoint_cfg else 0
                 if self._save_pending or (every and self.epoch % every == 0):
                     self.save_last()
@@ -149,10 +165,17 @@ class Trainer:
                     f"{self.preemption.signal_name}: saved step {self.global_step} to {path}; "
                     "run the same command with resume=auto to continue"
                 )
+            self._stop_at_limits(max_epochs)
         if self.batch_in_epoch:  # stopped mid-epoch: keep the model we end with
             self._validate()
         self.save_last()
         return {"stop_reason": self.stop_reason, "fit_time_s": time.perf_counter() - started}
+
+    def _stop_at_limits(self, max_epochs: float) -> None:
+        if self.stop_reason is None and self.epoch >= max_epochs:
+            self.stop_reason = "max_epochs"
+        elif self.stop_reason is None and self.global_step >= self.max_steps:
+            self.stop_reason = "max_steps"
 
     def _train_epoch(self) -> None:
         self.model.train()
@@ -348,6 +371,7 @@ class Trainer:
                 if self.dist.is_main:
                     self.files.save_best(state)
                 barrier(self.dist)  # nobody reads or runs ahead of a file being written
+                self._best_key = self._state_key()
         else:
             self.bad_validations += 1
         patience = self.cfg.early_stopping.patience
@@ -385,17 +409,21 @@ class Trainer:
         self.load_state_dict(load_checkpoint(ckpt_path, self.device), str(ckpt_path))
         log.info("resumed from %s at epoch %d step %d", ckpt_path, self.epoch, self.global_step)
 
-    def save_last(self) -> Path | None:
-        """Checkpoint the current state (once per distinct state); returns its file."""
-        if self.files is None:
-            return None
-        key = (
+    def _state_key(self) -> tuple:
+        """What tells two checkpointable states apart (nothing else changes between them)."""
+        return (
             self.global_step,
             self.epoch,
             self.batch_in_epoch,
             self._validated_at_step,
             self.stop_reason,
         )
+
+    def save_last(self) -> Path | None:
+        """Checkpoint the current state (once per distinct state); returns its file."""
+        if self.files is None:
+            return None
+        key = self._state_key()
         if key == self._saved_key:
             return self._saved_path
         self._check_recorded_nonfinite()  # never write weights trained on a NaN loss
@@ -403,8 +431,12 @@ class Trainer:
             # Points up to this step reach the disk before a checkpoint says they exist;
             # a resumed run purges the later ones (see run.py).
             self.logger.flush()
-        state = self.state_dict()  # collective under torch.distributed
-        path = self.files.save(state, self.global_step) if self.dist.is_main else None
+        if key == self._best_key:  # best.pt holds this very state: link it, no second write
+            best = self.files.best
+            path = self.files.save(None, self.global_step, best) if self.dist.is_main else None
+        else:
+            state = self.state_dict()  # collective under torch.distributed
+            path = self.files.save(state, self.global_step) if self.dist.is_main else None
         barrier(self.dist)
         self._saved_key, self._saved_path = key, path or self._saved_path
         self._save_pending, self._last_save_time = False, time.monotonic()
