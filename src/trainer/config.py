@@ -12,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 # A file name stays well under the 255-byte limit of common filesystems.
 _MAX_DIRNAME = 200
@@ -217,3 +218,17 @@ def register_configs() -> None:
     cs.store(group="schema", name="paths", node=PathsConfig)
     cs.store(group="schema", name="logger", node=LoggerConfig)
     cs.store(group="schema", name="finetune", node=FinetuneConfig)
+
+
+def plain_config(cfg: Any) -> Any:
+    """A DictConfig as its schema's dataclass (or a namespace); anything else as is."""
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    obj = OmegaConf.to_object(cfg)
+    return _namespace(obj) if isinstance(obj, dict) else obj
+
+
+def _namespace(value: Any) -> Any:
+    if isinstance(value, dict):
+        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
+    return value

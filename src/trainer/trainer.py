@@ -20,15 +20,14 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
 from trainer.checkpoint import load_checkpoint
+from trainer.config import plain_config
 from trainer.distributed import SINGLE, DistContext, all_reduce_sum, barrier
 from trainer.errors import ConfigError, Preempted
 from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
@@ -39,20 +38,6 @@ from trainer.state import load_training_state, training_state
 from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
-
-
-def plain_config(cfg: Any) -> Any:
-    """A DictConfig as its schema's dataclass (or a namespace); anything else as is."""
-    if not isinstance(cfg, DictConfig):
-        return cfg
-    obj = OmegaConf.to_object(cfg)
-    return _namespace(obj) if isinstance(obj, dict) else obj
-
-
-def _namespace(value: Any) -> Any:
-    if isinstance(value, dict):
-        return SimpleNamespace(**{k: _namespace(v) for k, v in value.items()})
-    return value
 
 
 class Trainer:
