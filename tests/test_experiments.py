@@ -30,3 +30,26 @@ def test_experiment_recipe_learns_on_a_short_run(make_config, experiment, model,
     assert cfg.model._target_.endswith(model) and cfg.data.name == data
     # 20 steps of the recipe take it from chance (0.1) to well past it.
     assert train(cfg) > 0.5
+
+
+@pytest.mark.parametrize(
+    "experiment,same_as",
+    [
+        ("mnist_mlp", []),
+        ("mnist_cnn", ["model=cnn"]),
+        ("fashion_cnn", ["data=fashion_mnist", "model=cnn"]),
+    ],
+)
+def test_experiment_is_the_recipe_measured_in_the_readme(
+    experiment: str, same_as: list[str], tmp_path
+) -> None:
+    """The README's results table measures the plain commands; each experiment pins them."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_config
+
+    pinned = compose_config([f"experiment={experiment}"], tmp_path)
+    plain = compose_config(same_as, tmp_path)
+    assert pinned.seed == plain.seed
+    for section in ("model", "data", "loss", "optimizer", "scheduler", "trainer"):
+        assert OmegaConf.to_container(pinned[section]) == OmegaConf.to_container(plain[section])

@@ -75,6 +75,7 @@ def link_checkpoint(source: str | Path, path: str | Path) -> None:
             shutil.copyfile(source, tmp)
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        fault_point("save", path.name)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
