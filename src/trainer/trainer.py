@@ -390,10 +390,6 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_training_state(self, state, source)
 
-    def resume(self, ckpt_path: str | Path) -> None:
-        self.load_state_dict(load_checkpoint(ckpt_path, self.device), str(ckpt_path))
-        log.info("resumed from %s at epoch %d step %d", ckpt_path, self.epoch, self.global_step)
-
     def _state_key(self) -> tuple:
         """What tells two checkpointable states apart (nothing else changes between them)."""
         return (

@@ -52,6 +52,14 @@ class _LoRABase(nn.Module):
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}"
 
+    def _with_merged_weights(self, layer: nn.Module) -> nn.Module:
+        """`layer` (a plain copy of the base) given the base weight plus the adapters' update."""
+        with torch.no_grad():
+            layer.weight.copy_(self.weight + self.delta_weight())
+            if self.bias is not None:
+                layer.bias.copy_(self.bias)
+        return layer
+
 
 class LoRALinear(_LoRABase):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
@@ -83,11 +91,7 @@ class LoRALinear(_LoRABase):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(self.weight + self.delta_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return self._with_merged_weights(layer)
 
 
 class LoRAConv2d(_LoRABase):
@@ -139,11 +143,7 @@ class LoRAConv2d(_LoRABase):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            layer.weight.copy_(self.weight + self.delta_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
+        return self._with_merged_weights(layer)
 
 
 LORA_LAYERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
