@@ -85,7 +85,7 @@ def _train(
     from trainer.finetune import make_unfreezer, prepare_model
     from trainer.optim import build_optimizer
     from trainer.pruning import pruning_callback
-    from trainer.runtime import seed_everything
+    from trainer.runtime import imported_in_background, seed_everything
     from trainer.strategies import make_strategy
     from trainer.trainer import Trainer
     from trainer.validation import check_model_fits_data
@@ -116,7 +116,10 @@ def _train(
         check_state_fits(own, unwrapped_state_dict(state["model"]), source)
 
     data = instantiate(cfg.data, _convert_="all")
-    data.setup(device)
+    # Every torch optimizer imports torch._dynamo (about a second) on first use. That
+    # import runs on a helper thread while this one reads and decodes the data.
+    with imported_in_background("torch._dynamo"):
+        data.setup(device)
     train_batches = len(
         data.batches(
             "train", limit_batches=cfg.trainer.limit_train_batches, world_size=ctx.world_size

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -53,3 +57,28 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+@contextmanager
+def imported_in_background(module: str) -> Iterator[None]:
+    """Import `module` on a helper thread while the body runs; wait for it at the end.
+
+    An import is mostly pure Python and holds the GIL, but it overlaps with work
+    that releases it: file reads, decompression, hashing, tensor ops. The body must
+    not import torch modules itself: two threads importing into one package at
+    once can deadlock on Python's per-module import locks. A failed import is left
+    for the caller's own later import to raise.
+    """
+
+    def run() -> None:
+        try:
+            importlib.import_module(module)
+        except Exception:
+            pass
+
+    thread = threading.Thread(target=run, name=f"import {module}")
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()

@@ -46,7 +46,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
             "best_step": trainer.best_step,
             "bad_validations": trainer.bad_validations,
             "last_val": trainer.last_val,
-            "stop_reason": trainer.stop_reason,
+            "stop_reason": trainer.saved_stop_reason,
             "validated_at_step": trainer._validated_at_step,
             "nan_guard": trainer.nan_guard.state_dict(),
             "max_steps": trainer.max_steps,

@@ -39,6 +39,9 @@ from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
 
+# Reached limits are not saved: a resumed run derives them again from its config.
+LIMIT_STOPS = ("max_epochs", "max_steps")
+
 
 class Trainer:
     def __init__(
@@ -390,14 +393,22 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_training_state(self, state, source)
 
+    @property
+    def saved_stop_reason(self) -> str | None:
+        """The stop decision a checkpoint keeps (early stopping, stop_at, pruning)."""
+        return None if self.stop_reason in LIMIT_STOPS else self.stop_reason
+
     def _state_key(self) -> tuple:
-        """What tells two checkpointable states apart (nothing else changes between them)."""
+        """What tells two checkpointable states apart (nothing else changes between them).
+
+        So the last epoch's best.pt, saved before the limit is noted, is linked as the
+        final checkpoint instead of being written a second time."""
         return (
             self.global_step,
             self.epoch,
             self.batch_in_epoch,
             self._validated_at_step,
-            self.stop_reason,
+            self.saved_stop_reason,
         )
 
     def save_last(self) -> Path | None:
