@@ -54,6 +54,26 @@ def test_multirun_sweep_gives_one_folder_per_job(tmp_path: Path) -> None:
     assert lrs == {"optimizer.lr=0.001", "optimizer.lr=0.003"}
 
 
+def test_a_config_that_sets_hydra_mode_multirun_still_sweeps(tmp_path: Path) -> None:
+    """A plain run skips Hydra's mode-probing composition; a config asking for a sweep
+    (hydra.mode=MULTIRUN, without -m) must still get one, and leave no run folder."""
+    require_data()
+    (tmp_path / "extra" / "experiment").mkdir(parents=True)
+    (tmp_path / "extra" / "experiment" / "sweepy.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n"
+        "  sweeper:\n    params:\n      optimizer.lr: 1e-3,3e-3\n"
+    )
+    args = ["--config-dir", str(tmp_path / "extra"), "experiment=sweepy", *TINY, "logger=none"]
+    done = run_cli(
+        [str(REPO / "train.py"), *args, "hydra.sweep.dir=sweep", "hydra.run.dir=single"],
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    jobs = [p for p in (tmp_path / "sweep").iterdir() if (p / "results.json").is_file()]
+    assert len(jobs) == 2
+    assert not (tmp_path / "single").exists()
+
+
 def test_default_layout_outputs_date_time(tmp_path: Path) -> None:
     require_data()
     done = run_cli([str(REPO / "train.py"), "trainer=debug", "logger=none"], cwd=tmp_path)

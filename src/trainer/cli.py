@@ -93,7 +93,13 @@ def _run_reporting_user_errors(hydra_main: Callable[[], Any]) -> None:
     show_traces = _user_full_error == "1"
     os.environ[FULL_ERROR_ENV] = "1"
     try:
-        hydra_main()
+        try:
+            with _run_mode_assumed():
+                hydra_main()
+        except AssertionError as e:
+            if not _mode_assumption_failed(e):
+                raise
+            hydra_main()  # the config asks for a sweep: let Hydra compose it twice
     except Exception as e:
         message = None if show_traces else describe_user_error(e) or _output_dir_error(e)
         if message is None:
@@ -102,6 +108,43 @@ def _run_reporting_user_errors(hydra_main: Callable[[], Any]) -> None:
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         _restore_full_error_env()
+
+
+@contextmanager
+def _run_mode_assumed() -> Iterator[None]:
+    """Spare Hydra's first composition, which it makes only to read `hydra.mode`.
+
+    Hydra composes the whole config twice per run (~0.1 s each): once to learn
+    whether the config itself asks for a sweep, once to run. Without -m and
+    without a hydra.mode override, a plain run is assumed. A config that sets
+    hydra.mode=MULTIRUN then fails Hydra's own check in Hydra.run, before the
+    task starts, and the command is composed again the usual way.
+    """
+    from hydra._internal.hydra import Hydra
+    from hydra.types import RunMode
+
+    probe = Hydra.get_mode
+    args = sys.argv[1:]
+    sweep = any(a in ("-m", "--multirun") or a.lstrip("+~").startswith("hydra.mode") for a in args)
+
+    if not sweep:
+        Hydra.get_mode = lambda self, config_name, overrides: RunMode.RUN
+    try:
+        yield
+    finally:
+        Hydra.get_mode = probe
+
+
+def _mode_assumption_failed(error: AssertionError) -> bool:
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    return (
+        code is not None
+        and code.co_name == "run"
+        and code.co_filename.endswith(os.path.join("hydra", "_internal", "hydra.py"))
+    )
 
 
 @contextmanager
@@ -175,10 +218,3 @@ def _give_non_main_ranks_a_scratch_dir() -> None:
     scratch = tempfile.mkdtemp(prefix=f"trainer-rank{os.environ['RANK']}-")
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
     sys.argv += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
-
-
-def _in_multirun() -> bool:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
