@@ -34,13 +34,10 @@ from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
 from trainer.nan_guard import NanGuard
 from trainer.preemption import PreemptionHandler
 from trainer.resume import CheckpointFiles
-from trainer.state import load_training_state, training_state
+from trainer.state import load_training_state, state_key, training_state
 from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
-
-# Reached limits are not saved: a resumed run derives them again from its config.
-LIMIT_STOPS = ("max_epochs", "max_steps")
 
 
 class Trainer:
@@ -359,7 +356,7 @@ class Trainer:
                 if self.dist.is_main:
                     self.files.save_best(state)
                 barrier(self.dist)  # nobody reads or runs ahead of a file being written
-                self._best_key = self._state_key()
+                self._best_key = state_key(self)
         else:
             self.bad_validations += 1
         patience = self.cfg.early_stopping.patience
@@ -393,29 +390,11 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_training_state(self, state, source)
 
-    @property
-    def saved_stop_reason(self) -> str | None:
-        """The stop decision a checkpoint keeps (early stopping, stop_at, pruning)."""
-        return None if self.stop_reason in LIMIT_STOPS else self.stop_reason
-
-    def _state_key(self) -> tuple:
-        """What tells two checkpointable states apart (nothing else changes between them).
-
-        So the last epoch's best.pt, saved before the limit is noted, is linked as the
-        final checkpoint instead of being written a second time."""
-        return (
-            self.global_step,
-            self.epoch,
-            self.batch_in_epoch,
-            self._validated_at_step,
-            self.saved_stop_reason,
-        )
-
     def save_last(self) -> Path | None:
         """Checkpoint the current state (once per distinct state); returns its file."""
         if self.files is None:
             return None
-        key = self._state_key()
+        key = state_key(self)
         if key == self._saved_key:
             return self._saved_path
         self._check_recorded_nonfinite()  # never write weights trained on a NaN loss
