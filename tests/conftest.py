@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -61,3 +63,36 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+class _FullDiskFile:
+    """A file on a disk that fills up after 4 KiB: writes fail like a real one's (ENOSPC)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file, self.written = file, 0
+
+    def write(self, data: bytes) -> int:
+        if self.written + len(data) > 4096:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.written += len(data)
+        return self.file.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
+@pytest.fixture
+def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
+    """Call it, and every checkpoint write from then on runs out of space mid-file."""
+    from trainer import checkpoint
+
+    recording_init = checkpoint._RecordingWriter.__init__
+
+    def fill() -> None:
+        monkeypatch.setattr(
+            checkpoint._RecordingWriter,
+            "__init__",
+            lambda self, file: recording_init(self, _FullDiskFile(file)),
+        )
+
+    return fill

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import compose_config
-from trainer.checkpoint import load_checkpoint, save_checkpoint
+from trainer import resume
+from trainer.checkpoint import capture_rng, load_checkpoint, save_checkpoint
 from trainer.config import job_dirname
 from trainer.errors import CheckpointError, ConfigError
+from trainer.models.mlp import MLP
 from trainer.nan_guard import NanGuard
 from trainer.resume import CheckpointFiles, find_resume_state
 
@@ -134,3 +138,108 @@ def test_run_id_names_the_output_dirs() -> None:
         assert hydra_cfg.sweep.dir == "multirun/exp1"
         stamped = compose("train", [], return_hydra_config=True).hydra
         assert stamped.run.dir.startswith("outputs/20")
+
+
+# ------------------------------------------------ background writes (checkpoint.async_write)
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("checkpoint-write")]
+
+
+def _model_and_optimizer() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """A real model whose AdamW moments exist: the state a checkpoint holds."""
+    model = MLP([1, 28, 28], 10, hidden_sizes=[16])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    return model, optimizer
+
+
+def _train_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int) -> dict:
+    return {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": capture_rng(),
+        "global_step": step,
+    }
+
+
+def test_async_save_writes_the_state_as_of_the_save_call(tmp_path: Path, monkeypatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    moments = {k: v.clone() for k, v in optimizer.state_dict()["state"][0].items()}
+    release, real_save = threading.Event(), resume.save_checkpoint
+
+    def held_back_save(state: dict, path: Path) -> None:
+        assert release.wait(30), "the test never released the write"
+        real_save(state, path)
+
+    monkeypatch.setattr(resume, "save_checkpoint", held_back_save)
+    files = CheckpointFiles(tmp_path, keep_last_k=2, async_write=True)
+    assert not _writer_threads()  # nothing saved yet: no thread
+    path = files.save(_train_state(model, optimizer, 1), 1)
+    assert path == tmp_path / "step_00000001.pt" and not path.exists()  # still being written
+    (writer,) = _writer_threads()
+    assert not writer.daemon  # never frozen mid-write at interpreter exit
+    # Training goes on in place while the write waits.
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    optimizer.step()
+    release.set()
+    files.wait()
+    saved = load_checkpoint(path)
+    for key, tensor in expected.items():
+        assert torch.equal(saved["model"][key], tensor), key
+        assert not torch.equal(model.state_dict()[key], tensor), key
+    for key, tensor in moments.items():
+        assert torch.equal(saved["optimizer"]["state"][0][key], tensor), key
+    assert files.last.samefile(path)
+    files.close()
+    writer.join(5)
+    assert not writer.is_alive() and not _writer_threads()
+
+
+def test_async_writes_run_in_order_so_a_link_finds_best(tmp_path: Path, monkeypatch) -> None:
+    model, optimizer = _model_and_optimizer()
+    real_save = resume.save_checkpoint
+
+    def slow_save(state: dict, path: Path) -> None:
+        time.sleep(0.2)
+        real_save(state, path)
+
+    monkeypatch.setattr(resume, "save_checkpoint", slow_save)
+    files = CheckpointFiles(tmp_path, keep_last_k=2, async_write=True)
+    files.save_best(_train_state(model, optimizer, 3))
+    # best.pt holds step 3: linked as the step file, which needs best.pt written first.
+    assert files.save(None, 3, same_as=files.best) == tmp_path / "step_00000003.pt"
+    files.close()
+    assert (tmp_path / "step_00000003.pt").samefile(files.best)
+    assert files.last.samefile(files.best) and load_checkpoint(files.last)["global_step"] == 3
+
+
+def test_failed_async_write_is_raised_on_the_training_thread(tmp_path: Path, full_disk) -> None:
+    model, optimizer = _model_and_optimizer()
+    files = CheckpointFiles(tmp_path, keep_last_k=2, async_write=True)
+    files.save_best(_train_state(model, optimizer, 1))
+    files.save(_train_state(model, optimizer, 1), 1)
+    files.wait()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    full_disk()
+    files.save_best(_train_state(model, optimizer, 2))  # returns: it fails in the background
+    with pytest.raises(CheckpointError) as error:
+        files.wait()
+    assert threading.current_thread() is threading.main_thread()
+    message = str(error.value)
+    assert f"could not write checkpoint {files.best}: No space left on device" in message
+    assert "the previous checkpoint there is intact" in message and "\n" not in message
+    files.wait()  # raised once, not again
+    # A failure is also raised by the next save, before anything else is queued.
+    assert files.save(_train_state(model, optimizer, 2), 2) == tmp_path / "step_00000002.pt"
+    with pytest.raises(CheckpointError, match=r"step_00000002\.pt: No space.*nothing was saved"):
+        files.save(_train_state(model, optimizer, 3), 3)
+    files.close()
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before  # no temp files; best.pt and step 1 (and last.pt) as they were
+    assert load_checkpoint(files.best)["global_step"] == 1
+    assert load_checkpoint(files.last)["global_step"] == 1

@@ -313,3 +313,108 @@ def test_preempted_mid_epoch_on_the_dataloader_path_resumes_exactly(make_config,
     a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["model"]
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+# ------------------------------------------------ background writes (checkpoint.async_write)
+# A save every 2 steps and a validation every 3: best.pt is written, then linked as the
+# step file of the same step (which must wait for it), and plain step files are written
+# while training goes on. Every file is kept.
+WRITES = [
+    "model.hidden_sizes=[32]",
+    "model.dropout=0.2",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=10",
+    "trainer.limit_val_batches=1",
+    "trainer.val_every_n_steps=3",
+    "trainer.deterministic=true",
+    "trainer.test_after_fit=false",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep_last_k=null",
+    "logger=none",
+]
+
+
+def assert_same_contents(a: object, b: object, where: str = "") -> None:
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.device == b.device and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same_contents(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_contents(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_async_and_sync_writes_give_the_same_checkpoints(
+    make_config, tmp_path: Path, monkeypatch
+) -> None:
+    import threading
+
+    from trainer import resume
+    from trainer.run import train
+
+    assert make_config().checkpoint.async_write is True  # the default
+    writers: dict[str, set[str]] = {"async": set(), "sync": set()}
+    real_save, current = resume.save_checkpoint, ["async"]
+
+    def slow_save(state: dict, path: Path) -> None:
+        # Slow enough that training goes on, updating params in place, during each write.
+        writers[current[0]].add(threading.current_thread().name)
+        if current[0] == "async":
+            time.sleep(0.05)
+        real_save(state, path)
+
+    monkeypatch.setattr(resume, "save_checkpoint", slow_save)
+    train(make_config(*WRITES, output_dir=tmp_path / "async"))
+    assert not [t for t in threading.enumerate() if t.name.startswith("checkpoint-write")]
+    current[0] = "sync"
+    train(make_config(*WRITES, "checkpoint.async_write=false", output_dir=tmp_path / "sync"))
+    assert writers == {"async": {"checkpoint-write_0"}, "sync": {"MainThread"}}
+
+    folders = {mode: tmp_path / mode / "checkpoints" for mode in writers}
+    names = {mode: sorted(p.name for p in folder.iterdir()) for mode, folder in folders.items()}
+    assert names["async"] == names["sync"]
+    assert {"best.pt", "last.pt", "step_00000002.pt", "step_00000020.pt"} <= set(names["async"])
+    links = {mode: hard_links(folder) for mode, folder in folders.items()}
+    assert links["async"] == links["sync"]
+    assert ("last.pt", "step_00000020.pt") in links["async"]
+    assert [b for a, b in links["async"] if a == "best.pt" and b.startswith("step_")]
+    for name in names["async"]:
+        a = load_checkpoint(folders["async"] / name)
+        b = load_checkpoint(folders["sync"] / name)
+        configs = a.pop("config"), b.pop("config")
+        for config in configs:
+            del config["checkpoint"]["async_write"], config["paths"]["output_dir"]
+        assert configs[0] == configs[1], name
+        assert_same_contents(a, b, name)
+
+
+def hard_links(folder: Path) -> set[tuple[str, str]]:
+    """Pairs of names (in order) of one file."""
+    names = sorted(p.name for p in folder.iterdir())
+    return {(a, b) for a in names for b in names if a < b and (folder / a).samefile(folder / b)}
+
+
+def test_a_failed_write_never_masks_the_error_that_ends_fit(
+    make_config, full_disk, monkeypatch, caplog
+) -> None:
+    from trainer.run import train
+    from trainer.trainer import Trainer
+
+    def broken_evaluate(self, batches, prefix):
+        raise RuntimeError("evaluation crashed")
+
+    monkeypatch.setattr(Trainer, "evaluate", broken_evaluate)
+    full_disk()
+    # The step-3 checkpoint fails in the background; the epoch-end validation fails next.
+    small = ["model.hidden_sizes=[16]", "trainer.max_epochs=1", "trainer.limit_train_batches=4"]
+    small.append("scheduler=none")
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train(make_config(*small, "checkpoint.every_n_steps=3", "logger=none"))
+    assert "a background checkpoint write failed as well" in caplog.text
+    assert "step_00000003.pt: No space left on device" in caplog.text

@@ -175,11 +175,16 @@ train_main()
 
 
 @pytest.mark.slow
-def test_full_disk_during_checkpoint_write_keeps_previous(workspace: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_write", ["true", "false"], ids=["async", "sync"])
+def test_full_disk_during_checkpoint_write_keeps_previous(
+    workspace: dict, tmp_path: Path, async_write: str
+) -> None:
+    # A background write's error reaches the training thread: the same one line.
     run = tmp_path / "run"
     shutil.copytree(workspace["run"], run)
     before = snapshot(run)
     args = [*FIT_ONE_EPOCH, *RESUME_ONE_MORE_EPOCH, f"hydra.run.dir={run}"]
+    args.append(f"checkpoint.async_write={async_write}")
     env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR)}
     done = subprocess.run(
         [sys.executable, "-c", FULL_DISK_RUNNER, *args],

@@ -75,6 +75,10 @@ class CheckpointConfig:
     every_n_minutes: float | None = None
     # How many step_*.pt files to keep, newest first (null: all); last.pt and best.pt stay.
     keep_last_k: int | None = 2
+    # Write checkpoints on a background thread while training goes on: the state is
+    # copied at the save, then written the same atomic way (a crash during the write
+    # leaves the previous checkpoint). false writes on the training thread, blocking it.
+    async_write: bool = True
 
 
 @dataclass

@@ -94,15 +94,16 @@ class NanGuard:
             f"{what}; the last good state (step {good_step}) is saved in {saved}. {_FIX}"
         )
 
-    def raise_if_recorded(self, newest_checkpoint: Path | None) -> None:
-        """Fail at the first non-finite loss recorded on the device, if any (one sync)."""
+    def recorded_error(self, newest_checkpoint: Path | None) -> NonFiniteLossError | None:
+        """The error for the first non-finite loss recorded on the device, if any (one sync)."""
         recorded = self.recorded()
-        if recorded is not None:
-            step, value = recorded
-            raise NonFiniteLossError(
-                f"loss is {value} at step {step}; the weights after it are not saved, the "
-                f"newest checkpoint is {newest_checkpoint or 'none yet'}. {_FIX}"
-            )
+        if recorded is None:
+            return None
+        step, value = recorded
+        return NonFiniteLossError(
+            f"loss is {value} at step {step}; the weights after it are not saved, the "
+            f"newest checkpoint is {newest_checkpoint or 'none yet'}. {_FIX}"
+        )
 
     def state_dict(self) -> dict[str, int]:
         return {"skipped": self.skipped, "consecutive": self.consecutive}

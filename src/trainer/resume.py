@@ -6,6 +6,7 @@ A run's checkpoint folder holds:
 - `last.pt`: the newest state, a hard link to the newest step file (no second write).
 - `best.pt`: the state with the best monitored metric.
 Retention only ever deletes step files, so last.pt and best.pt always survive.
+With checkpoint.async_write, writes run on a background thread (checkpoint_writer.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from trainer.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint_writer import BackgroundWriter, snapshot
 from trainer.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -28,41 +31,77 @@ _STEP_FILE = re.compile(r"step_(\d+)\.pt")
 
 
 class CheckpointFiles:
-    def __init__(self, folder: str | Path, save_last: bool = True, keep_last_k: int | None = 2):
+    def __init__(
+        self,
+        folder: str | Path,
+        save_last: bool = True,
+        keep_last_k: int | None = 2,
+        async_write: bool = False,
+    ) -> None:
         if keep_last_k is not None and keep_last_k < 0:
             raise ConfigError(f"checkpoint.keep_last_k={keep_last_k} must be >= 0 (or null: all)")
         self.folder, self.save_last, self.keep_last_k = Path(folder), save_last, keep_last_k
         self.last, self.best = self.folder / "last.pt", self.folder / "best.pt"
+        # checkpoint.async_write: writes run on this one background thread (see
+        # checkpoint_writer.py); without it, on the caller's thread.
+        self.writer = BackgroundWriter() if async_write else None
+
+    @classmethod
+    def from_config(cls, folder: str | Path, cfg: Any) -> CheckpointFiles:
+        """The files of a `checkpoint` config section in `folder`."""
+        return cls(folder, cfg.save_last, cfg.keep_last_k, cfg.async_write)
 
     def save(
         self, state: dict[str, Any] | None, step: int, same_as: Path | None = None
     ) -> Path | None:
         """Write the state of `step`; returns the file written (None if none is configured).
 
-        `same_as` names a finished file that already holds this state (best.pt saved
-        at the same step): it is hard-linked instead of written a second time.
+        `same_as` names a file that holds this very state (best.pt saved at the same
+        step): it is hard-linked instead of written a second time. With async writes
+        the file is written in the background and is on disk after `wait()`.
         """
-
-        def write(path: Path) -> None:
-            if same_as is not None:
-                link_checkpoint(same_as, path)
-            else:
-                save_checkpoint(state, path)
-
         if self.keep_last_k == 0:
             if not self.save_last:
                 return None
-            write(self.last)
-            return self.last
-        path = self.folder / f"step_{step:08d}.pt"
-        write(path)
-        if self.save_last:
-            link_checkpoint(path, self.last)
-        self.prune()
+            path = self.last
+        else:
+            path = self.folder / f"step_{step:08d}.pt"
+        self._write(self._write_step, state, path, same_as)
         return path
 
     def save_best(self, state: dict[str, Any]) -> None:
-        save_checkpoint(state, self.best)
+        self._write(save_checkpoint, state, self.best)
+
+    def wait(self) -> None:
+        """Block until every save so far is on disk; raises the error of a failed write."""
+        if self.writer is not None:
+            self.writer.wait()
+
+    def close(self, raise_error: bool = True) -> None:
+        """`wait`, then stop the writer thread; `raise_error=False` only logs a failure."""
+        if self.writer is not None:
+            self.writer.close(raise_error)
+
+    def _write(self, write: Callable[..., None], state: Any, *args: Any) -> None:
+        if self.writer is None:
+            write(state, *args)
+            return
+        # One write in flight, in order: best.pt is on disk before a save links it, and
+        # a failed write's error is raised here, on the training thread, before the next.
+        self.writer.wait()
+        # The loop goes on updating params and optimizer state in place: the file must
+        # hold them as they are now.
+        self.writer.submit(write, snapshot(state), *args)
+
+    def _write_step(self, state: dict[str, Any] | None, path: Path, same_as: Path | None) -> None:
+        if same_as is not None:
+            link_checkpoint(same_as, path)
+        else:
+            save_checkpoint(state, path)
+        if path != self.last:
+            if self.save_last:
+                link_checkpoint(path, self.last)
+            self.prune()
 
     def step_files(self) -> list[Path]:
         """Step checkpoints, newest first."""

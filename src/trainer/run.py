@@ -210,6 +210,8 @@ def _train(
         steps_per_epoch,
         int(max_steps),
     )
+    # fit returns with its checkpoints on disk (async writes are waited for): files read
+    # from here on, best.pt in test() first, are whole.
     fit = trainer.fit()
     test = trainer.test() if cfg.trainer.test_after_fit else {}
     results = {

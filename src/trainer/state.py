@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Reached limits are not saved: a resumed run derives them again from its config.
+LIMIT_STOPS = ("max_epochs", "max_steps")
+
 
 def training_state(trainer: Trainer) -> dict[str, Any]:
     """Everything that decides what a resumed run does next."""
@@ -46,7 +49,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
             "best_step": trainer.best_step,
             "bad_validations": trainer.bad_validations,
             "last_val": trainer.last_val,
-            "stop_reason": trainer.saved_stop_reason,
+            "stop_reason": saved_stop_reason(trainer),
             "validated_at_step": trainer._validated_at_step,
             "nan_guard": trainer.nan_guard.state_dict(),
             "max_steps": trainer.max_steps,
@@ -61,6 +64,25 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
         "logger": {"global_step": trainer.global_step},
         "config": trainer.run_config,
     }
+
+
+def saved_stop_reason(trainer: Trainer) -> str | None:
+    """The stop decision a checkpoint keeps (early stopping, stop_at, pruning)."""
+    return None if trainer.stop_reason in LIMIT_STOPS else trainer.stop_reason
+
+
+def state_key(trainer: Trainer) -> tuple:
+    """What tells two checkpointable states apart (nothing else changes between them).
+
+    So the last epoch's best.pt, saved before the limit is noted, is linked as the
+    final checkpoint instead of being written a second time."""
+    return (
+        trainer.global_step,
+        trainer.epoch,
+        trainer.batch_in_epoch,
+        trainer._validated_at_step,
+        saved_stop_reason(trainer),
+    )
 
 
 def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:

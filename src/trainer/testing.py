@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from trainer.checkpoint_writer import settle
+
 # SIGKILL this process while it writes the checkpoint of this file name (e.g.
 # step_00000016.pt): after its bytes are written, before the rename.
 KILL_IN_SAVE_ENV = "TRAINER_TEST_KILL_IN_SAVE"
@@ -62,11 +64,20 @@ class FaultInjectingLoss(nn.Module):
         self.batches += 1
         if self.sleep_s:
             time.sleep(self.sleep_s)
-        if self.batches == self.kill_at_batch:
+        if self.batch_fault(self.kill_at_batch):
             os.kill(os.getpid(), signal.SIGKILL)
-        if self.batches == self.signal_at_batch:
+        if self.batch_fault(self.signal_at_batch):
             for _ in range(self.signal_count):
                 os.kill(os.getpid(), self.signal)
         if self.batches in self.nan_at_batches:
             loss = loss * self.nonfinite_value
         return loss
+
+    def batch_fault(self, at_batch: int | None) -> bool:
+        """Is this the batch of a kill or signal? If so, let background checkpoint
+        writes finish first: the fault lands between writes, as it does with
+        synchronous ones (a kill inside a write is `fault_point`'s job)."""
+        if self.batches != at_batch:
+            return False
+        settle()
+        return True

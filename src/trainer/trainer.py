@@ -34,13 +34,10 @@ from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
 from trainer.nan_guard import NanGuard
 from trainer.preemption import PreemptionHandler
 from trainer.resume import CheckpointFiles
-from trainer.state import load_training_state, training_state
+from trainer.state import load_training_state, state_key, training_state
 from trainer.strategies import SingleProcess
 
 log = logging.getLogger(__name__)
-
-# Reached limits are not saved: a resumed run derives them again from its config.
-LIMIT_STOPS = ("max_epochs", "max_steps")
 
 
 class Trainer:
@@ -83,7 +80,7 @@ class Trainer:
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.checkpoint_cfg = checkpoint_cfg
         self.files = (
-            CheckpointFiles(checkpoint_dir, checkpoint_cfg.save_last, checkpoint_cfg.keep_last_k)
+            CheckpointFiles.from_config(checkpoint_dir, checkpoint_cfg)
             if checkpoint_dir and checkpoint_cfg
             else None
         )
@@ -133,30 +130,36 @@ class Trainer:
         started = time.perf_counter()
         max_epochs = self.cfg.max_epochs or math.inf
         self._stop_at_limits(max_epochs)
-        while self.stop_reason is None:
-            epoch_started = time.perf_counter()
-            self._train_epoch()
-            if self.batch_in_epoch >= len(self.train_batches):
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                self._unfreeze(self.epoch)
-                self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
-                if self.epoch % self.cfg.val_every_n_epochs == 0:
-                    self._validate()
-                # Known before the save, so the final state is written once, not twice.
+        try:
+            while self.stop_reason is None:
+                epoch_started = time.perf_counter()
+                self._train_epoch()
+                if self.batch_in_epoch >= len(self.train_batches):
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self._unfreeze(self.epoch)
+                    self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
+                    if self.epoch % self.cfg.val_every_n_epochs == 0:
+                        self._validate()
+                    # Known before the save, so the final state is written once, not twice.
+                    self._stop_at_limits(max_epochs)
+                    every = self.checkpoint_cfg.every_n_epochs if self.checkpoint_cfg else 0
+                    if self._save_pending or (every and self.epoch % every == 0):
+                        self.save_last()
+                if self._preempted(at_boundary=True):
+                    path = self.save_last(wait=True)  # the process exits right after
+                    raise Preempted(
+                        f"{self.preemption.signal_name}: saved step {self.global_step} to "
+                        f"{path}; run the same command with resume=auto to continue"
+                    )
                 self._stop_at_limits(max_epochs)
-                every = self.checkpoint_cfg.every_n_epochs if self.checkpoint_cfg else 0
-                if self._save_pending or (every and self.epoch % every == 0):
-                    self.save_last()
-            if self._preempted(at_boundary=True):
-                path = self.save_last()
-                raise Preempted(
-                    f"{self.preemption.signal_name}: saved step {self.global_step} to {path}; "
-                    "run the same command with resume=auto to continue"
-                )
-            self._stop_at_limits(max_epochs)
-        if self.batch_in_epoch:  # stopped mid-epoch: keep the model we end with
-            self._validate()
-        self.save_last()
+            if self.batch_in_epoch:  # stopped mid-epoch: keep the model we end with
+                self._validate()
+            self.save_last()
+        finally:
+            # fit returns with every checkpoint on disk. Leaving by an error, that error
+            # is the news: a failed write is then only logged.
+            if self.files is not None:
+                self.files.close(raise_error=sys.exc_info()[1] is None)
         return {"stop_reason": self.stop_reason, "fit_time_s": time.perf_counter() - started}
 
     def _stop_at_limits(self, max_epochs: float) -> None:
@@ -196,7 +199,8 @@ class Trainer:
                     if self.nan_guard.policy == "error":
                         # Back to the step's start: save the state after the last good step.
                         self.batch_in_epoch -= window_batches
-                        raise self.nan_guard.error(bad_at, self.global_step, self.save_last())
+                        saved = self.save_last(wait=True)
+                        raise self.nan_guard.error(bad_at, self.global_step, saved)
                 if bad_at is None:
                     scaled = loss / self.accumulate if self.accumulate > 1 else loss
                     self.scaler.scale(scaled).backward()
@@ -211,7 +215,8 @@ class Trainer:
             if bad_at is not None:
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.nan_guard.count_skip(bad_at):
-                    raise self.nan_guard.error(None, self.global_step, self.save_last())
+                    saved = self.save_last(wait=True)
+                    raise self.nan_guard.error(None, self.global_step, saved)
             else:
                 self._loss_sum += window_loss
                 self._loss_batches += window_batches
@@ -281,7 +286,10 @@ class Trainer:
 
     def _check_recorded_nonfinite(self) -> None:
         """On accelerators: fail at the first non-finite loss the device recorded."""
-        self.nan_guard.raise_if_recorded(self._saved_path)
+        error = self.nan_guard.recorded_error(self._saved_path)
+        if error is not None:
+            self.wait_for_checkpoints()  # the error names the newest one: on disk first
+            raise error
 
     # ------------------------------------------------------------- metrics
     def _reset_train_meters(self) -> None:
@@ -358,8 +366,8 @@ class Trainer:
                 state = self.state_dict()  # collective under torch.distributed
                 if self.dist.is_main:
                     self.files.save_best(state)
-                barrier(self.dist)  # nobody reads or runs ahead of a file being written
-                self._best_key = self._state_key()
+                barrier(self.dist)  # no rank runs ahead of a save (readers wait: see test())
+                self._best_key = state_key(self)
         else:
             self.bad_validations += 1
         patience = self.cfg.early_stopping.patience
@@ -377,6 +385,8 @@ class Trainer:
 
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""
+        self.wait_for_checkpoints()
+        barrier(self.dist)  # rank 0 wrote best.pt; every rank reads it
         best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None
         if best is not None and best.is_file():
             state = load_checkpoint(best, self.device)["model"]
@@ -393,43 +403,33 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any], source: str) -> None:
         load_training_state(self, state, source)
 
-    @property
-    def saved_stop_reason(self) -> str | None:
-        """The stop decision a checkpoint keeps (early stopping, stop_at, pruning)."""
-        return None if self.stop_reason in LIMIT_STOPS else self.stop_reason
+    def save_last(self, wait: bool = False) -> Path | None:
+        """Checkpoint the current state (once per distinct state); returns its file.
 
-    def _state_key(self) -> tuple:
-        """What tells two checkpointable states apart (nothing else changes between them).
-
-        So the last epoch's best.pt, saved before the limit is noted, is linked as the
-        final checkpoint instead of being written a second time."""
-        return (
-            self.global_step,
-            self.epoch,
-            self.batch_in_epoch,
-            self._validated_at_step,
-            self.saved_stop_reason,
-        )
-
-    def save_last(self) -> Path | None:
-        """Checkpoint the current state (once per distinct state); returns its file."""
+        `wait`: return once it is on disk (checkpoint.async_write), as it is named next."""
         if self.files is None:
             return None
-        key = self._state_key()
-        if key == self._saved_key:
-            return self._saved_path
-        self._check_recorded_nonfinite()  # never write weights trained on a NaN loss
-        if self.logger is not None:
-            # Points up to this step reach the disk before a checkpoint says they exist;
-            # a resumed run purges the later ones (see run.py).
-            self.logger.flush()
-        if key == self._best_key:  # best.pt holds this very state: link it, no second write
-            best = self.files.best
-            path = self.files.save(None, self.global_step, best) if self.dist.is_main else None
-        else:
-            state = self.state_dict()  # collective under torch.distributed
-            path = self.files.save(state, self.global_step) if self.dist.is_main else None
-        barrier(self.dist)
-        self._saved_key, self._saved_path = key, path or self._saved_path
-        self._save_pending, self._last_save_time = False, time.monotonic()
-        return path
+        key = state_key(self)
+        if key != self._saved_key:
+            self._check_recorded_nonfinite()  # never write weights trained on a NaN loss
+            if self.logger is not None:
+                # Points up to this step reach the disk before a checkpoint says they exist;
+                # a resumed run purges the later ones (see run.py).
+                self.logger.flush()
+            if key == self._best_key:  # best.pt holds this very state: link it, no second write
+                best = self.files.best
+                path = self.files.save(None, self.global_step, best) if self.dist.is_main else None
+            else:
+                state = self.state_dict()  # collective under torch.distributed
+                path = self.files.save(state, self.global_step) if self.dist.is_main else None
+            barrier(self.dist)
+            self._saved_key, self._saved_path = key, path or self._saved_path
+            self._save_pending, self._last_save_time = False, time.monotonic()
+        if wait:
+            self.files.wait()
+        return self._saved_path
+
+    def wait_for_checkpoints(self) -> None:
+        """Block until rank 0's checkpoint writes are on disk; a failed one's error is raised."""
+        if self.files is not None:
+            self.files.wait()
