@@ -212,10 +212,31 @@ def test_async_writes_run_in_order_so_a_link_finds_best(tmp_path: Path, monkeypa
     files = CheckpointFiles(tmp_path, keep_last_k=2, async_write=True)
     files.save_best(_train_state(model, optimizer, 3))
     # best.pt holds step 3: linked as the step file, which needs best.pt written first.
+    # The link is queued behind that write: the training thread does not wait for it.
+    started = time.perf_counter()
     assert files.save(None, 3, same_as=files.best) == tmp_path / "step_00000003.pt"
+    assert time.perf_counter() - started < 0.1
+    assert not (tmp_path / "step_00000003.pt").exists()
     files.close()
     assert (tmp_path / "step_00000003.pt").samefile(files.best)
     assert files.last.samefile(files.best) and load_checkpoint(files.last)["global_step"] == 3
+
+
+def test_a_link_queued_behind_a_failed_write_is_skipped(tmp_path: Path, full_disk) -> None:
+    model, optimizer = _model_and_optimizer()
+    files = CheckpointFiles(tmp_path, keep_last_k=2, async_write=True)
+    files.save_best(_train_state(model, optimizer, 1))
+    files.save(None, 1, same_as=files.best)
+    files.wait()
+    full_disk()
+    files.save_best(_train_state(model, optimizer, 2))  # fails in the background
+    # Linking the old best.pt (step 1) as step 2's file would label it wrongly.
+    files.save(None, 2, same_as=files.best)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        files.wait()
+    assert not (tmp_path / "step_00000002.pt").exists()
+    assert load_checkpoint(files.last)["global_step"] == 1
+    files.close()
 
 
 def test_failed_async_write_is_raised_on_the_training_thread(tmp_path: Path, full_disk) -> None:

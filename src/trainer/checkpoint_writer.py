@@ -7,9 +7,10 @@ and torch.distributed.checkpoint.async_save, the loop instead copies the state
 thread. Crash safety is unchanged: the write is the same atomic
 temp-file-and-rename, so a crash during it leaves the previous checkpoint.
 
-At most one write is in flight, and writes run in the order they were handed
-over: a linked checkpoint (best.pt as the step file) needs best.pt written
-first, and a second snapshot in memory is never held while one still waits.
+Writes run in the order they were handed over: a linked checkpoint (best.pt
+as the step file) runs after best.pt's write, without the loop waiting for it,
+and is skipped if that write failed. A write that carries a snapshot first
+waits for the ones before it, so at most one snapshot is held in memory.
 """
 
 from __future__ import annotations
@@ -64,26 +65,50 @@ class BackgroundWriter:
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: Future | None = None
+        self._pending: list[Future] = []
+        # Set by a failed write: the writes queued after it (a link of the file it
+        # should have written) are skipped until `wait` has reported the failure.
+        self._failed = False
 
-    def submit(self, write: Callable[..., None], *args: Any) -> None:
-        """Run `write(*args)` on the worker, after the previous write finished."""
-        self.wait()
+    def submit(self, write: Callable[..., None], *args: Any, after_pending: bool = True) -> None:
+        """Run `write(*args)` on the worker, after the writes handed over before it.
+
+        `after_pending` first waits for those (a write that carries a state snapshot:
+        at most one snapshot is held); a cheap one (a link) just joins the queue.
+        """
+        if after_pending:
+            self.wait()
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-write")
-        future = self._pool.submit(write, *args)
+        future = self._pool.submit(self._run, write, *args)
         _IN_FLIGHT.add(future)
         future.add_done_callback(_IN_FLIGHT.discard)
-        self._pending = future
+        self._pending.append(future)
+
+    def _run(self, write: Callable[..., None], *args: Any) -> None:
+        if self._failed:
+            return
+        try:
+            write(*args)
+        except BaseException:
+            self._failed = True
+            raise
 
     def wait(self) -> None:
         """Block until no write is pending; a failed write's error is raised here, once."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        pending, self._pending = self._pending, []
+        error: BaseException | None = None
+        for future in pending:
+            try:
+                future.result()
+            except Exception as e:
+                error = error or e
+        self._failed = False
+        if error is not None:
+            raise error
 
     def close(self, raise_error: bool = True) -> None:
-        """Wait for the pending write and stop the thread (a later write starts another).
+        """Wait for the pending writes and stop the thread (a later write starts another).
 
         With `raise_error=False` (the caller is already failing with its own error,
         which must not be masked) a failed write is logged instead of raised.

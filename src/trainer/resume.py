@@ -86,12 +86,13 @@ class CheckpointFiles:
         if self.writer is None:
             write(state, *args)
             return
-        # One write in flight, in order: best.pt is on disk before a save links it, and
-        # a failed write's error is raised here, on the training thread, before the next.
-        self.writer.wait()
         # The loop goes on updating params and optimizer state in place: the file must
-        # hold them as they are now.
-        self.writer.submit(write, snapshot(state), *args)
+        # hold them as they are now. A link (state None) copies nothing and waits for
+        # nothing; the writer runs it after the write of the file it links.
+        if state is None:
+            self.writer.submit(write, None, *args, after_pending=False)
+        else:
+            self.writer.submit(write, snapshot(state), *args)
 
     def _write_step(self, state: dict[str, Any] | None, path: Path, same_as: Path | None) -> None:
         if same_as is not None:
