@@ -29,7 +29,24 @@ class PreemptionHandler:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name: str | None = None
+        # Set once every process knows of the request: from then on, the run stops.
+        self.agreed = False
         self._previous: dict[int, Any] = {}
+
+    def agree(self, dist: Any, device: Any, exchange: bool) -> bool:
+        """Whether to stop now. All ranks of a torch.distributed run must stop at the same
+        step, so there the flag is all-reduced, only when `exchange` (log steps, epoch ends)."""
+        if not self.agreed:
+            if not dist.enabled:
+                self.agreed = self.requested
+            elif exchange:
+                import torch
+
+                from trainer.distributed import all_reduce_sum
+
+                flag = torch.tensor(float(self.requested), device=device)
+                self.agreed = all_reduce_sum(flag, dist).item() > 0
+        return self.agreed
 
     def __enter__(self) -> PreemptionHandler:
         # Signal handlers can only be set from the main thread (e.g. not in a

@@ -123,7 +123,6 @@ class Trainer:
         self._best_key: tuple | None = None
         self._saved_path: Path | None = None
         self._save_pending, self._last_save_time = False, time.monotonic()
-        self._preempted_agreed = False
 
     # ----------------------------------------------------------------- fit
     def fit(self) -> dict[str, Any]:
@@ -230,20 +229,13 @@ class Trainer:
             if preempted or self.stop_reason or self.global_step >= self.max_steps:
                 break
         # A preempted run saved mid-interval meters: the resumed run logs this point.
-        if self._loss_batches and not self._preempted_agreed:
+        if self._loss_batches and not self.preemption.agreed:
             self._log_train(bar)
         bar.close()
 
     def _preempted(self, at_boundary: bool = False) -> bool:
-        """Was a preemption signal received? All ranks must stop at the same step, so
-        under torch.distributed the flag is all-reduced, at log steps and epoch ends only."""
-        if not self._preempted_agreed:
-            if not self.dist.enabled:
-                self._preempted_agreed = self.preemption.requested
-            elif at_boundary or self.global_step % self.cfg.log_every_n_steps == 0:
-                flag = torch.tensor(float(self.preemption.requested), device=self.device)
-                self._preempted_agreed = all_reduce_sum(flag, self.dist).item() > 0
-        return self._preempted_agreed
+        exchange = at_boundary or self.global_step % self.cfg.log_every_n_steps == 0
+        return self.preemption.agree(self.dist, self.device, exchange)
 
     def _unfreeze(self, epoch: int) -> None:
         # Before any checkpoint of `epoch`, so saved optimizer states include the new groups.
@@ -310,16 +302,9 @@ class Trainer:
             metrics["train/nan_skipped"] = self.nan_guard.skipped
         self._log(metrics)
         if bar.disable:
-            log.info(
-                "epoch %d step %d (%d/%d): loss %.4f lr %.3g %.0f samples/s",
-                self.epoch,
-                self.global_step,
-                self.batch_in_epoch,
-                len(self.train_batches),
-                loss,
-                lr,
-                rate,
-            )
+            where = f"epoch {self.epoch} step {self.global_step} "
+            where += f"({self.batch_in_epoch}/{len(self.train_batches)})"
+            log.info("%s: loss %.4f lr %.3g %.0f samples/s", where, loss, lr, rate)
         else:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}", refresh=False)
         self._reset_train_meters()
