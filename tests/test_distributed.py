@@ -188,3 +188,64 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(
                 *common, "data.batch_size=64", f"ckpt_path={ckpt}", output_dir=tmp_path / "x"
             )
         )
+
+
+NAN_ON_RANK_1 = [
+    "loss._target_=trainer.testing.FaultInjectingLoss",
+    "+loss.nan_at_batches=[6]",
+    "+loss.nan_on_ranks=[1]",
+]
+
+
+def test_a_nan_on_one_rank_stops_every_rank_with_one_clear_error(tmp_path: Path) -> None:
+    """The other rank must not wait in a gradient all-reduce until the group times out."""
+    require_data()
+    before = spawned_workers()
+    started = time.monotonic()
+    done = run_cli(
+        [
+            str(REPO / "train.py"),
+            *TINY,
+            "trainer.devices=2",
+            "trainer.limit_train_batches=20",
+            "checkpoint.every_n_steps=4",
+            "trainer.dist_timeout_s=300",
+            "logger=none",
+            *NAN_ON_RANK_1,
+            "hydra.run.dir=run",
+        ],
+        cwd=tmp_path,
+    )
+    assert time.monotonic() - started < 100, "a rank waited for the process-group timeout"
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    assert "loss is nan at step 6" in errors[0] and "step_00000004.pt" in errors[0]
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert last["global_step"] == 4
+    assert all(torch.isfinite(t).all() for t in last["model"].values())
+    assert spawned_workers() - before == set()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nan_policy_skip_skips_the_same_step_on_every_rank(
+    make_config, tmp_path: Path, strategy: str
+) -> None:
+    common = [*TINY, "trainer.limit_train_batches=20", "model.dropout=0.0", "logger=none"]
+    train(
+        make_config(
+            *common,
+            "data.batch_size=32",
+            "trainer.devices=2",
+            f"trainer.strategy={strategy}",
+            "trainer.nan_policy=skip",
+            *NAN_ON_RANK_1,
+            output_dir=tmp_path / "two",
+        )
+    )
+    results = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert results["nan_skipped_steps"] == 1 and results["steps"] == 19
+    two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
+    assert two["trainer"]["nan_guard"]["skipped"] == 1
+    assert all(torch.isfinite(t).all() for t in two["model"].values())

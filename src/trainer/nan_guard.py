@@ -14,6 +14,12 @@ of every run. So the guard reads back only where that is free:
   a non-finite loss; the error still names the exact step and value.
 - `skip` must decide before the optimizer step whether to take it, so it reads
   each loss back on any device: a sync the user opts into with this policy.
+
+Under torch.distributed every rank must take the same decision at the same
+step, or the others wait forever in the next collective: `skip` all-reduces
+each micro-batch's verdict (part of its price), and `error` uses the device
+record on every device, all-reduced where it is read, so all ranks stop at the
+same check with the first bad step of any rank.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.distributed import SINGLE, DistContext, all_reduce_min, all_reduce_sum
 from trainer.errors import ConfigError, NonFiniteLossError
 
 log = logging.getLogger(__name__)
@@ -33,13 +40,17 @@ _FIX = "Lower optimizer.lr, set trainer.gradient_clip_val, or set trainer.nan_po
 
 
 class NanGuard:
-    def __init__(self, policy: str, max_consecutive: int, device: torch.device) -> None:
+    def __init__(
+        self, policy: str, max_consecutive: int, device: torch.device, dist: DistContext = SINGLE
+    ) -> None:
         if policy not in POLICIES:
             raise ConfigError(f"trainer.nan_policy={policy!r} must be one of {', '.join(POLICIES)}")
         if max_consecutive < 1:
             raise ConfigError(f"trainer.max_consecutive_nan={max_consecutive} must be >= 1")
-        self.policy, self.max_consecutive = policy, max_consecutive
-        self.check_every_batch = policy == "skip" or self.reads_back_free(device)
+        self.policy, self.max_consecutive, self.dist = policy, max_consecutive, dist
+        self.check_every_batch = policy == "skip" or (
+            self.reads_back_free(device) and not dist.enabled
+        )
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self._first_bad_loss = torch.zeros((), device=device)
         self.bad_value = 0.0
@@ -55,7 +66,13 @@ class NanGuard:
         if self.check_every_batch:
             value = float(loss)  # free on the CPU; the chosen price of `skip` elsewhere
             self.bad_value = value
-            return not math.isfinite(value)
+            bad = not math.isfinite(value)
+            if not self.dist.enabled:
+                return bad
+            # Any rank's bad loss is every rank's: (count, value) summed in one exchange.
+            shared = torch.tensor([float(bad), value if bad else 0.0], device=loss.device)
+            count, self.bad_value = all_reduce_sum(shared, self.dist).tolist()
+            return count > 0
         newly_bad = (self._first_bad_step < 0) & ~torch.isfinite(loss)
         self._first_bad_step = torch.where(newly_bad, step, self._first_bad_step)
         self._first_bad_loss = torch.where(newly_bad, loss.float(), self._first_bad_loss)
@@ -65,8 +82,17 @@ class NanGuard:
         """The first non-finite (step, loss) recorded on the device, if any (one sync)."""
         if self.check_every_batch:
             return None
-        step = int(self._first_bad_step.item())
-        return (step, float(self._first_bad_loss.item())) if step >= 0 else None
+        if not self.dist.enabled:
+            step = int(self._first_bad_step.item())
+            return (step, float(self._first_bad_loss.item())) if step >= 0 else None
+        # The first bad step of any rank, and its loss from the rank(s) that saw it.
+        never = torch.iinfo(torch.long).max
+        mine = torch.where(self._first_bad_step >= 0, self._first_bad_step, never)
+        first = all_reduce_min(mine.clone(), self.dist)
+        if int(first) == never:
+            return None
+        value = torch.where(mine == first, self._first_bad_loss, 0.0)
+        return int(first), float(all_reduce_sum(value, self.dist))
 
     def count_skip(self, where: str) -> bool:
         """Count a skipped step; True when `max_consecutive` skips in a row are reached."""

@@ -60,14 +60,16 @@ class CheckpointFiles:
         step): it is hard-linked instead of written a second time. With async writes
         the file is written in the background and is on disk after `wait()`.
         """
-        if self.keep_last_k == 0:
-            if not self.save_last:
-                return None
-            path = self.last
-        else:
-            path = self.folder / f"step_{step:08d}.pt"
-        self._write(self._write_step, state, path, same_as)
+        path = self.path_for(step)
+        if path is not None:
+            self._write(self._write_step, state, path, same_as)
         return path
+
+    def path_for(self, step: int) -> Path | None:
+        """The file a save of `step` writes (None if none is configured)."""
+        if self.keep_last_k == 0:
+            return self.last if self.save_last else None
+        return self.folder / f"step_{step:08d}.pt"
 
     def save_best(self, state: dict[str, Any]) -> None:
         self._write(save_checkpoint, state, self.best)

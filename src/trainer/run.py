@@ -90,12 +90,6 @@ def _train(
     from trainer.trainer import Trainer
     from trainer.validation import check_model_fits_data
 
-    if ctx.enabled and cfg.trainer.nan_policy == "skip":
-        # Ranks would have to agree on every skipped step; not supported yet.
-        raise ConfigError(
-            "trainer.nan_policy=skip works in single-process runs only; use nan_policy=error "
-            "with trainer.devices > 1 or torchrun"
-        )
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
     seed_everything(cfg.seed, cfg.trainer.deterministic)

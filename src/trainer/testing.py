@@ -47,10 +47,15 @@ class FaultInjectingLoss(nn.Module):
         signal_name: str = "SIGTERM",
         sleep_s: float = 0.0,
         label_smoothing: float = 0.0,
+        nan_on_ranks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         self.cross_entropy = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.nan_at_batches = set(nan_at_batches)
+        # Under torch.distributed, only these ranks (RANK) get the non-finite losses.
+        rank = int(os.environ.get("RANK", "0"))
+        self.nan_at_batches = (
+            set(nan_at_batches) if nan_on_ranks is None or rank in nan_on_ranks else set()
+        )
         self.nonfinite_value = nonfinite_value
         self.kill_at_batch, self.signal_at_batch = kill_at_batch, signal_at_batch
         self.signal_count, self.sleep_s = signal_count, sleep_s

@@ -85,7 +85,7 @@ class Trainer:
             else None
         )
         self.preemption = preemption or PreemptionHandler()
-        self.nan_guard = NanGuard(cfg.nan_policy, cfg.max_consecutive_nan, device)
+        self.nan_guard = NanGuard(cfg.nan_policy, cfg.max_consecutive_nan, device, dist)
         self.seed = seed
         shard = {"rank": dist.rank, "world_size": dist.world_size}
         self.train_batches = data.batches(
@@ -401,12 +401,15 @@ class Trainer:
                 # Points up to this step reach the disk before a checkpoint says they exist;
                 # a resumed run purges the later ones (see run.py).
                 self.logger.flush()
+            # Every rank knows the file rank 0 writes: any rank's error may name it.
+            path = self.files.path_for(self.global_step)
             if key == self._best_key:  # best.pt holds this very state: link it, no second write
-                best = self.files.best
-                path = self.files.save(None, self.global_step, best) if self.dist.is_main else None
+                if self.dist.is_main:
+                    self.files.save(None, self.global_step, self.files.best)
             else:
                 state = self.state_dict()  # collective under torch.distributed
-                path = self.files.save(state, self.global_step) if self.dist.is_main else None
+                if self.dist.is_main:
+                    self.files.save(state, self.global_step)
             barrier(self.dist)
             self._saved_key, self._saved_path = key, path or self._saved_path
             self._save_pending, self._last_save_time = False, time.monotonic()
