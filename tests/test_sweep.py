@@ -218,6 +218,42 @@ def test_report_on_a_folder_without_jobs_is_one_error_line(tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+def test_pruning_stops_every_rank_of_a_multi_process_trial(tmp_path: Path) -> None:
+    """Rank 0 talks to the study; the other rank stops after the same epoch."""
+    optuna = pytest.importorskip("optuna")
+    proc, sweep_dir = sweep(
+        tmp_path,
+        *SHORT,
+        "hparams_search=mnist_optuna",
+        "hydra/sweeper/sampler=grid",
+        "hydra.sweeper.params=null",
+        "optimizer.lr=choice(1e-9,3e-3)",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
+        "~hydra.sweeper.pruner.n_startup_trials",
+        "hydra.sweeper.pruner.n_warmup_steps=0",
+        "+hydra.sweeper.pruner.lower=0.5",
+        "trainer.devices=2",
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=20",
+        "trainer.test_after_fit=false",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name="mnist_optuna", storage=f"sqlite:///{sweep_dir}/optuna.db")
+    trials = {t.number: t for t in study.trials}
+    for folder in job_folders(sweep_dir):
+        job = results(folder)
+        trial = trials[job["job_num"]]
+        assert job["world_size"] == 2
+        assert sorted(trial.intermediate_values) == list(range(1, job["epochs"] + 1))
+        if trial.params["optimizer.lr"] < 1e-6:
+            assert trial.state == optuna.trial.TrialState.PRUNED and job["status"] == "pruned"
+            assert job["epochs"] == 1 and job["steps"] == 20
+        else:
+            assert trial.state == optuna.trial.TrialState.COMPLETE and job["epochs"] == 2
+
+
+@pytest.mark.slow
 def test_optuna_sweep_of_three_trials_prunes_the_hopeless_ones(tmp_path: Path) -> None:
     """lr 1e-9 and 1e-8 leave the model at chance: the pruner stops them after epoch 1."""
     optuna = pytest.importorskip("optuna")

@@ -8,16 +8,23 @@ and study name (both in its own `hydra.sweeper` config), takes trial
 and then reports the optimized metric after every epoch and asks the pruner
 whether to stop. A pruned job marks its trial (user attribute `pruned_at_epoch`)
 and stops training; the sweeper then records the trial as PRUNED.
+
+A trial trained by several processes (`trainer.devices=N`, torchrun) talks to
+the study from rank 0 only, and rank 0's decision is broadcast, so every rank
+stops after the same epoch. The job process finds its trial (`pruning_target`,
+plain data) and hands it to the ranks it spawns.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig
 
+from trainer.distributed import SINGLE, DistContext, broadcast_object
 from trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,11 +45,27 @@ def absolute_storage(url: str | None, cwd: str) -> str | None:
     return prefix + os.path.abspath(os.path.join(cwd, url[len(prefix) :]))
 
 
-class OptunaPruning:
-    """Trainer callback: report `metric` at each epoch end; stop if the pruner says so."""
+@dataclass(frozen=True)
+class PruningTarget:
+    """The Optuna trial a job reports to, as plain data that spawned ranks receive too."""
 
-    def __init__(self, trial: Any, metric: str) -> None:
-        self.trial, self.metric = trial, metric
+    storage: str
+    study_name: str
+    number: int  # the trial number, which is the job number
+    overrides: tuple[str, ...]
+    pruner: dict
+    metric: str
+
+
+class OptunaPruning:
+    """Trainer callback: report `metric` at each epoch end; stop if the pruner says so.
+
+    Only rank 0 holds the trial (`trial` is None on the others); every rank calls
+    this at the same validations and takes rank 0's decision.
+    """
+
+    def __init__(self, trial: Any, metric: str, dist: DistContext = SINGLE) -> None:
+        self.trial, self.metric, self.dist = trial, metric, dist
 
     def on_validation_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         if trainer.batch_in_epoch:  # a mid-epoch validation: Optuna steps are epochs
@@ -53,8 +76,13 @@ class OptunaPruning:
                 f"pruning cannot follow it; choose one of {sorted(metrics)} or set "
                 "hydra.sweeper.pruner=null"
             )
-        self.trial.report(metrics[self.metric], trainer.epoch)
-        if self.trial.should_prune():
+        prune = False
+        if self.trial is not None:
+            self.trial.report(metrics[self.metric], trainer.epoch)
+            prune = self.trial.should_prune()
+        if not broadcast_object(prune, self.dist):
+            return
+        if self.trial is not None:
             log.info(
                 "optuna trial %d pruned after epoch %d (%s=%.4f)",
                 self.trial.number,
@@ -63,13 +91,18 @@ class OptunaPruning:
                 metrics[self.metric],
             )
             self.trial.set_user_attr(PRUNED_ATTR, trainer.epoch)
-            trainer.stop_reason = "pruned"
+        trainer.stop_reason = "pruned"
 
 
-def pruning_callback(cfg: DictConfig) -> OptunaPruning | None:
-    """The pruning callback of this job, if it is a trial of a sweep with a pruner."""
+def pruning_target(cfg: DictConfig) -> PruningTarget | None:
+    """The trial of this job, if it is a job of a sweep with a pruner (else None).
+
+    Read from the Hydra job's own config, so it is None in a spawned rank: that
+    one is handed its job's target instead.
+    """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
     if not HydraConfig.initialized():
         return None
@@ -81,33 +114,47 @@ def pruning_callback(cfg: DictConfig) -> OptunaPruning | None:
         return None
     if not cfg.get("optimized_metric"):
         raise ConfigError("Optuna pruning needs optimized_metric (e.g. val/acc)")
-    trial = _open_trial(sweeper, hydra_cfg)
-    return OptunaPruning(trial, cfg.optimized_metric)
-
-
-def _open_trial(sweeper: Any, hydra_cfg: Any) -> Any:
-    import optuna
-    from hydra.utils import instantiate
-
     storage = absolute_storage(sweeper.storage, hydra_cfg.runtime.cwd)
     if not storage:
         raise ConfigError(
             "Optuna pruning needs a study that jobs can open: set hydra.sweeper.storage "
             "(e.g. sqlite:///${hydra.sweep.dir}/optuna.db) or hydra.sweeper.pruner=null"
         )
-    study = optuna.load_study(
-        study_name=sweeper.study_name, storage=storage, pruner=instantiate(sweeper.pruner)
+    return PruningTarget(
+        storage=storage,
+        study_name=sweeper.study_name,
+        number=hydra_cfg.job.num,
+        overrides=tuple(hydra_cfg.overrides.task),
+        pruner=OmegaConf.to_container(sweeper.pruner, resolve=True),
+        metric=cfg.optimized_metric,
     )
-    number = hydra_cfg.job.num
+
+
+def pruning_callback(
+    target: PruningTarget | None, dist: DistContext = SINGLE
+) -> OptunaPruning | None:
+    """The callback of a job with a trial; rank 0 opens the trial in the study."""
+    if target is None:
+        return None
+    return OptunaPruning(_open_trial(target) if dist.is_main else None, target.metric, dist)
+
+
+def _open_trial(target: PruningTarget) -> Any:
+    import optuna
+    from hydra.utils import instantiate
+
+    study = optuna.load_study(
+        study_name=target.study_name, storage=target.storage, pruner=instantiate(target.pruner)
+    )
+    number = target.number
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    overrides = set(hydra_cfg.overrides.task)
     mismatch = trial is None or any(
-        f"{name}={value}" not in overrides for name, value in trial.params.items()
+        f"{name}={value}" not in target.overrides for name, value in trial.params.items()
     )
     if mismatch or trial.state != optuna.trial.TrialState.RUNNING:
         raise ConfigError(
             f"job {number} is not the running Optuna trial {number} of study "
-            f"{sweeper.study_name!r} in {storage}; pruning works with the trainer's "
+            f"{target.study_name!r} in {target.storage}; pruning works with the trainer's "
             "Optuna sweeper only (hparams_search configs)"
         )
     return optuna.trial.Trial(study, trial._trial_id)

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError, UserError
+from trainer.pruning import PruningTarget
 from trainer.resume import CheckpointFiles, finished_results, resume_state
 
 log = logging.getLogger(__name__)
@@ -25,13 +27,28 @@ log = logging.getLogger(__name__)
 RUN_CONTROL_KEYS = ("resume", "run_id", "ckpt_path")
 
 
+@dataclass(frozen=True)
+class HydraJob:
+    """What a run knows of its Hydra job; spawned ranks, outside Hydra, are handed it."""
+
+    overrides: tuple[str, ...] = ()
+    num: int | None = None  # the job number in a sweep (an Optuna sweep's trial number)
+    pruning: PruningTarget | None = None
+
+    @classmethod
+    def current(cls, cfg: DictConfig) -> HydraJob:
+        from trainer.pruning import pruning_target
+
+        return cls(tuple(task_overrides()), job_num(), pruning_target(cfg))
+
+
 def train(
-    cfg: DictConfig, started: float | None = None, overrides: list[str] | None = None
+    cfg: DictConfig, started: float | None = None, job: HydraJob | None = None
 ) -> float | None:
     """Run training as configured; returns `cfg.optimized_metric` for sweepers.
 
     `trainer.devices=N` outside torchrun spawns N workers that each call this
-    function again as one rank of a process group.
+    function again as one rank of a process group, handed this `job`.
     """
     import torch
 
@@ -45,7 +62,6 @@ def train(
     from trainer.validation import validate_train_config
 
     started = started or time.time()
-    overrides = task_overrides() if overrides is None else overrides
     output_dir = Path(cfg.paths.output_dir)
     # Everything that can be checked without data is checked before data loads,
     # the plain values even before torch is imported.
@@ -54,8 +70,9 @@ def train(
     if finished is not None:
         log.info("resume=auto: %s already finished (results.json); nothing to do", output_dir)
         return optimized_value(cfg, finished["metrics"])
+    job = job or HydraJob.current(cfg)
     if cfg.trainer.devices > 1 and not launched_by_torchrun():
-        return _spawn_workers(cfg, device, started, overrides)
+        return _spawn_workers(cfg, device, started, job)
     ctx = SINGLE
     if launched_by_torchrun():
         ctx = init_process_group(device.type, cfg.trainer.dist_timeout_s)
@@ -66,7 +83,7 @@ def train(
     try:
         # Installed before the slow setup, so a signal at any point ends in a checkpoint.
         with PreemptionHandler() as preemption:
-            return _train(cfg, ctx, device, started, overrides, preemption)
+            return _train(cfg, ctx, device, started, job, preemption)
     except torch.distributed.DistBackendError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -78,7 +95,12 @@ def train(
 
 
 def _train(
-    cfg: DictConfig, ctx, device, started: float, overrides: list[str], preemption: Any
+    cfg: DictConfig,
+    ctx,
+    device,
+    started: float,
+    job: HydraJob,
+    preemption: Any,
 ) -> float | None:
     from trainer.checkpoint import check_state_fits, unwrapped_state_dict
     from trainer.distributed import broadcast_object
@@ -180,8 +202,7 @@ def _train(
         strategy=strategy,
         wrapped_model=wrapped_model,
         unfreezer=unfreezer,
-        # Pruning decides per trial in one process; ranks would have to agree on it.
-        callbacks=[] if ctx.enabled else [c for c in (pruning_callback(cfg),) if c],
+        callbacks=[c for c in (pruning_callback(job.pruning, ctx),) if c],
     )
     if resume_from is not None:
         state, source = resume_from
@@ -223,9 +244,9 @@ def _train(
         "resumed_from": resume_from[1] if resume_from else None,
         "fit_time_s": round(fit["fit_time_s"], 3),
         "wall_time_s": round(time.time() - started, 3),
-        "overrides": overrides,
+        "overrides": list(job.overrides),
         "world_size": ctx.world_size,
-        "job_num": job_num(),
+        "job_num": job.num,
     }
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -234,13 +255,13 @@ def _train(
         tmp.write_text(json.dumps(results, indent=2) + "\n")
         os.replace(tmp, output_dir / "results.json")
     if logger is not None:
-        logger.log_hparams(hparams(cfg, overrides), dict(results["metrics"]))
+        logger.log_hparams(hparams(cfg, list(job.overrides)), dict(results["metrics"]))
         logger.close()
     log.info("results: %s", json.dumps(results["metrics"]))
     return optimized_value(cfg, results["metrics"])
 
 
-def _spawn_workers(cfg: DictConfig, device, started: float, overrides: list[str]) -> float | None:
+def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> float | None:
     """Run this job as `trainer.devices` spawned ranks; rank 0 writes the results."""
     import torch
 
@@ -259,17 +280,17 @@ def _spawn_workers(cfg: DictConfig, device, started: float, overrides: list[str]
     results_file = output_dir / "results.json"
     results_file.unlink(missing_ok=True)
     log.info("spawning %d workers (%s)", devices, "nccl" if device.type == "cuda" else "gloo")
-    spawn(_worker, devices, args=(container, started, _job_log_file(), overrides))
+    spawn(_worker, devices, args=(container, started, _job_log_file(), job))
     return optimized_value(cfg, json.loads(results_file.read_text())["metrics"])
 
 
-def _worker(container: dict, started: float, log_file: str | None, overrides: list[str]) -> None:
+def _worker(container: dict, started: float, log_file: str | None, job: HydraJob) -> None:
     import os
 
     from trainer.distributed import configure_worker_logging
 
     configure_worker_logging(log_file, is_main=os.environ.get("RANK") == "0")
-    train(OmegaConf.create(container), started, overrides)
+    train(OmegaConf.create(container), started, job)
 
 
 def _job_log_file() -> str | None:
