@@ -217,31 +217,40 @@ def test_report_on_a_folder_without_jobs_is_one_error_line(tmp_path: Path) -> No
     )
 
 
-@pytest.mark.slow
-def test_pruning_stops_every_rank_of_a_multi_process_trial(tmp_path: Path) -> None:
-    """Rank 0 talks to the study; the other rank stops after the same epoch."""
-    optuna = pytest.importorskip("optuna")
+def pruned_sweep(tmp_path: Path, lrs: list[str], *args: str) -> tuple[dict, list[Path]]:
+    """An Optuna study that tries these learning rates in order and prunes a trial whose
+    val/acc is below 0.5 after an epoch; its trials by number, and the job folders."""
+    import optuna
+
     proc, sweep_dir = sweep(
         tmp_path,
         *SHORT,
         "hparams_search=mnist_optuna",
         "hydra/sweeper/sampler=grid",
         "hydra.sweeper.params=null",
-        "optimizer.lr=choice(1e-9,3e-3)",
-        "hydra.sweeper.n_trials=2",
+        f"optimizer.lr=choice({','.join(lrs)})",
+        f"hydra.sweeper.n_trials={len(lrs)}",
         "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
         "~hydra.sweeper.pruner.n_startup_trials",
         "hydra.sweeper.pruner.n_warmup_steps=0",
         "+hydra.sweeper.pruner.lower=0.5",
-        "trainer.devices=2",
-        "trainer.max_epochs=2",
         "trainer.limit_train_batches=20",
         "trainer.test_after_fit=false",
+        *args,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="mnist_optuna", storage=f"sqlite:///{sweep_dir}/optuna.db")
-    trials = {t.number: t for t in study.trials}
-    for folder in job_folders(sweep_dir):
+    return {t.number: t for t in study.trials}, job_folders(sweep_dir)
+
+
+@pytest.mark.slow
+def test_pruning_stops_every_rank_of_a_multi_process_trial(tmp_path: Path) -> None:
+    """Rank 0 talks to the study; the other rank stops after the same epoch."""
+    optuna = pytest.importorskip("optuna")
+    trials, folders = pruned_sweep(
+        tmp_path, ["1e-9", "3e-3"], "trainer.devices=2", "trainer.max_epochs=2"
+    )
+    for folder in folders:
         job = results(folder)
         trial = trials[job["job_num"]]
         assert job["world_size"] == 2
@@ -257,26 +266,7 @@ def test_pruning_stops_every_rank_of_a_multi_process_trial(tmp_path: Path) -> No
 def test_optuna_sweep_of_three_trials_prunes_the_hopeless_ones(tmp_path: Path) -> None:
     """lr 1e-9 and 1e-8 leave the model at chance: the pruner stops them after epoch 1."""
     optuna = pytest.importorskip("optuna")
-    proc, sweep_dir = sweep(
-        tmp_path,
-        *SHORT,
-        "hparams_search=mnist_optuna",
-        "hydra/sweeper/sampler=grid",
-        "hydra.sweeper.params=null",
-        "optimizer.lr=choice(1e-9,1e-8,3e-3)",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.pruner._target_=optuna.pruners.ThresholdPruner",
-        "~hydra.sweeper.pruner.n_startup_trials",
-        "hydra.sweeper.pruner.n_warmup_steps=0",
-        "+hydra.sweeper.pruner.lower=0.5",
-        "trainer.max_epochs=3",
-        "trainer.limit_train_batches=20",
-        "trainer.test_after_fit=false",
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    study = optuna.load_study(study_name="mnist_optuna", storage=f"sqlite:///{sweep_dir}/optuna.db")
-    trials = {t.number: t for t in study.trials}
-    folders = job_folders(sweep_dir)
+    trials, folders = pruned_sweep(tmp_path, ["1e-9", "1e-8", "3e-3"], "trainer.max_epochs=3")
     assert sorted(trials) == [0, 1, 2] and len(folders) == 3
     states = set()
     for folder in folders:
@@ -299,7 +289,7 @@ def test_optuna_sweep_of_three_trials_prunes_the_hopeless_ones(tmp_path: Path) -
         states.add(trial.state)
     assert len(states) == 2
 
-    _, rows = report(sweep_dir)
+    _, rows = report(tmp_path / "sweep")
     assert [(r["status"], r["rank"]) for r in rows] == [
         ("completed", "1"),
         ("pruned", ""),
