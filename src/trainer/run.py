@@ -13,14 +13,16 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError, UserError
-from trainer.pruning import PruningTarget
 from trainer.resume import CheckpointFiles, finished_results, resume_state
+
+if TYPE_CHECKING:
+    from trainer.pruning import PruningTarget
 
 log = logging.getLogger(__name__)
 
