@@ -418,3 +418,24 @@ def test_a_failed_write_never_masks_the_error_that_ends_fit(
         train(make_config(*small, "checkpoint.every_n_steps=3", "logger=none"))
     assert "a background checkpoint write failed as well" in caplog.text
     assert "step_00000003.pt: No space left on device" in caplog.text
+
+
+def test_a_run_killed_after_its_final_checkpoint_finishes_without_training_more(
+    make_config, tmp_path: Path
+) -> None:
+    """The final checkpoint is best.pt linked, and says nothing of max_epochs: the resumed
+    run finds the limit again from its config, trains no further, and writes results."""
+    from trainer.run import train
+
+    args = ["model.hidden_sizes=[32]", "trainer.max_epochs=1", "trainer.limit_train_batches=10"]
+    train(make_config(*args, "logger=none"))
+    run = tmp_path / "run"
+    first = json.loads((run / "results.json").read_text())
+    ckpts = run / "checkpoints"
+    assert (ckpts / "step_00000010.pt").samefile(ckpts / "best.pt")  # written once
+    (run / "results.json").unlink()  # as if killed between the last save and the results
+    train(make_config(*args, "logger=none", "resume=auto"))
+    again = json.loads((run / "results.json").read_text())
+    assert again["steps"] == first["steps"] == 10 and again["stop_reason"] == "max_epochs"
+    assert again["metrics"] == first["metrics"]
+    assert load_checkpoint(ckpts / "last.pt")["global_step"] == 10
