@@ -109,6 +109,50 @@ def test_torchrun_val_accuracy_equals_single_process_eval(tmp_path: Path) -> Non
     assert single["val/loss"] == pytest.approx(results["metrics"]["val/loss"], rel=1e-6)
 
 
+def test_two_node_torchrun_writes_one_run_folder(tmp_path: Path) -> None:
+    """Two torchrun launchers on this machine stand in for two nodes of one process each,
+    without a shared filesystem: RANK 1 has LOCAL_RANK 0, as on a real second node, and
+    must leave no run folder; RANK 0's folder gets the results and checkpoints."""
+    import socket
+
+    require_data()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launchers = []
+    for node in (0, 1):
+        cwd = tmp_path / f"node{node}"  # each "node" has its own working directory
+        cwd.mkdir()
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=two-node-test",
+            str(REPO / "train.py"),
+            *TINY,
+            "trainer.limit_train_batches=10",
+            "logger=none",
+        ]
+        env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR)}
+        launchers.append(
+            subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    for launcher, (_, stderr) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, stderr.decode()[-3000:]
+    # outputs/<date>/<time> under the working directory of whichever node has rank 0.
+    runs = [p.parent for p in tmp_path.glob("node*/outputs/*/*/results.json")]
+    assert len(runs) == 1, sorted(str(p) for p in tmp_path.rglob("*"))
+    assert [p.name for p in tmp_path.glob("node*/outputs")] == ["outputs"]
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 10
+    assert (runs[0] / "checkpoints" / "last.pt").is_file()
+
+
 def test_ddp_inside_a_multirun_sweep(tmp_path: Path) -> None:
     require_data()
     before = spawned_workers()
