@@ -264,3 +264,23 @@ def test_failed_async_write_is_raised_on_the_training_thread(tmp_path: Path, ful
     assert after == before  # no temp files; best.pt and step 1 (and last.pt) as they were
     assert load_checkpoint(files.best)["global_step"] == 1
     assert load_checkpoint(files.last)["global_step"] == 1
+
+
+def test_async_copy_keeps_tied_weights_shared(tmp_path: Path) -> None:
+    """An embedding tied to the output layer is one tensor: the background write stores it
+    once, as torch.save does, and it loads back tied."""
+    model = torch.nn.ModuleDict(
+        {"embed": torch.nn.Embedding(1000, 64), "out": torch.nn.Linear(64, 1000)}
+    )
+    model["out"].weight = model["embed"].weight
+    state = {"model": model.state_dict(), "global_step": 1}
+    save_checkpoint(state, tmp_path / "sync.pt")
+    files = CheckpointFiles(tmp_path / "async", keep_last_k=0, async_write=True)
+    files.save(state, 1)
+    files.close()
+    written = tmp_path / "async" / "last.pt"
+    assert written.stat().st_size == pytest.approx((tmp_path / "sync.pt").stat().st_size, rel=0.02)
+    loaded = load_checkpoint(written)["model"]
+    embed, out = loaded["embed.weight"], loaded["out.weight"]
+    assert embed.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    assert torch.equal(embed, model["embed"].weight.detach())

@@ -30,28 +30,41 @@ log = logging.getLogger(__name__)
 _IN_FLIGHT: set[Future] = set()
 
 
-def snapshot(state: Any) -> Any:
+def snapshot(state: Any, _copies: dict | None = None) -> Any:
     """A copy of `state` that later in-place updates of the training state cannot change.
 
     Tensors are copied to the CPU (the optimizer step mutates params and moments in
     place), containers are copied recursively, other leaves (numbers, strings) are
-    immutable and kept as they are.
+    immutable and kept as they are. Tensors that share storage (tied weights) share
+    one copy, so the file is as large as a synchronous write's.
     """
+    copies = {} if _copies is None else _copies
     if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
+        return _copy_tensor(state, copies)
     if isinstance(state, dict):
         # copy.copy keeps the dict's type and attributes (a state_dict's `_metadata`),
         # so the file holds what a synchronous write of `state` would.
         copied = copy.copy(state)
         for key in copied:
-            copied[key] = snapshot(state[key])
+            copied[key] = snapshot(state[key], copies)
         return copied
     if isinstance(state, list):
-        return [snapshot(value) for value in state]
+        return [snapshot(value, copies) for value in state]
     if isinstance(state, tuple):
-        values = [snapshot(value) for value in state]
+        values = [snapshot(value, copies) for value in state]
         return type(state)(*values) if hasattr(state, "_fields") else type(state)(values)
     return state
+
+
+def _copy_tensor(tensor: torch.Tensor, copies: dict) -> torch.Tensor:
+    if type(tensor) is not torch.Tensor or tensor.layout != torch.strided:
+        return tensor.detach().to("cpu", copy=True)  # subclasses, sparse: copied alone
+    storage = tensor.untyped_storage()
+    key = (storage.data_ptr(), storage.device, storage.nbytes())
+    if key not in copies:
+        copies[key] = storage.clone() if storage.device.type == "cpu" else storage.cpu()
+    copied = torch.empty(0, dtype=tensor.dtype)
+    return copied.set_(copies[key], tensor.storage_offset(), tensor.size(), tensor.stride())
 
 
 class BackgroundWriter:
