@@ -20,12 +20,15 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from trainer.distributed import SINGLE, DistContext, broadcast_object
 from trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from trainer.run import HydraJob
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +54,6 @@ class PruningTarget:
 
     storage: str
     study_name: str
-    number: int  # the trial number, which is the job number
-    overrides: tuple[str, ...]
     pruner: dict
     metric: str
 
@@ -123,33 +124,31 @@ def pruning_target(cfg: DictConfig) -> PruningTarget | None:
     return PruningTarget(
         storage=storage,
         study_name=sweeper.study_name,
-        number=hydra_cfg.job.num,
-        overrides=tuple(hydra_cfg.overrides.task),
         pruner=OmegaConf.to_container(sweeper.pruner, resolve=True),
         metric=cfg.optimized_metric,
     )
 
 
-def pruning_callback(
-    target: PruningTarget | None, dist: DistContext = SINGLE
-) -> OptunaPruning | None:
+def pruning_callback(job: HydraJob, dist: DistContext = SINGLE) -> OptunaPruning | None:
     """The callback of a job with a trial; rank 0 opens the trial in the study."""
+    target = job.pruning
     if target is None:
         return None
-    return OptunaPruning(_open_trial(target) if dist.is_main else None, target.metric, dist)
+    trial = _open_trial(target, job.num, job.overrides) if dist.is_main else None
+    return OptunaPruning(trial, target.metric, dist)
 
 
-def _open_trial(target: PruningTarget) -> Any:
+def _open_trial(target: PruningTarget, number: int, overrides: tuple[str, ...]) -> Any:
+    """Trial `number` (the trial number is the job number), checked against the job."""
     import optuna
     from hydra.utils import instantiate
 
     study = optuna.load_study(
         study_name=target.study_name, storage=target.storage, pruner=instantiate(target.pruner)
     )
-    number = target.number
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
     mismatch = trial is None or any(
-        f"{name}={value}" not in target.overrides for name, value in trial.params.items()
+        f"{name}={value}" not in overrides for name, value in trial.params.items()
     )
     if mismatch or trial.state != optuna.trial.TrialState.RUNNING:
         raise ConfigError(

@@ -204,7 +204,7 @@ def _train(
         strategy=strategy,
         wrapped_model=wrapped_model,
         unfreezer=unfreezer,
-        callbacks=[c for c in (pruning_callback(job.pruning, ctx),) if c],
+        callbacks=[c for c in (pruning_callback(job, ctx),) if c],
     )
     if resume_from is not None:
         state, source = resume_from
