@@ -36,10 +36,11 @@ class Task:
     def __init__(self, monitor: str = "val/loss", monitor_mode: str = "min") -> None:
         self.monitor, self.monitor_mode = monitor, monitor_mode
 
-    def setup(self, model: nn.Module, device: torch.device) -> None:
+    def setup(self, model: nn.Module, device: torch.device, tokenizer: Any = None) -> None:
         """Called once the model is built and on its device, before training.
 
-        A preference task takes its frozen reference model here."""
+        A preference task takes its frozen reference model here; `tokenizer` is
+        the data's (None for data without one)."""
 
     def training_loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """The scalar loss to backpropagate (a device tensor: no host sync)."""
@@ -60,4 +61,8 @@ class Task:
     def train_metrics(self) -> dict[str, torch.Tensor]:
         """Extra training scalars accumulated since the last call (e.g. an MoE
         auxiliary loss), logged as `train/<name>`; read only when logging."""
+        return {}
+
+    def samples(self, model: nn.Module) -> dict[str, str]:
+        """Text to show in TensorBoard at each validation (tag -> text); rank 0 only."""
         return {}
