@@ -38,7 +38,7 @@ def test_mask_covers_exactly_the_assistant_turns(tokenizer: Any) -> None:
     # Turn-by-turn encoding gives the same ids as encoding the whole rendered text.
     assert ids == tokenizer.encode(full, add_special_tokens=False)
     runs, current = [], []
-    for token, train in zip(ids, trained):
+    for token, train in zip(ids, trained, strict=True):
         if train:
             current.append(token)
         elif current:

@@ -127,7 +127,8 @@ def to_example(
     """
     n_prompt = trained.index(True) if True in trained else len(ids)
     ids, trained = ids[: max_length + 1], trained[: max_length + 1]
-    labels = [tok if train else IGNORE_INDEX for tok, train in zip(ids[1:], trained[1:])]
+    pairs = zip(ids[1:], trained[1:], strict=True)
+    labels = [tok if train else IGNORE_INDEX for tok, train in pairs]
     if all(label == IGNORE_INDEX for label in labels):
         if n_prompt >= len(ids):
             raise DataError(

@@ -94,4 +94,4 @@ def answer_prompts(
 
 def format_answers(prompts: Sequence[str], answers: Sequence[str]) -> str:
     """Markdown for TensorBoard's Text tab: each prompt and its answer."""
-    return "\n\n".join(f"**{p}**  \n{a}" for p, a in zip(prompts, answers))
+    return "\n\n".join(f"**{p}**  \n{a}" for p, a in zip(prompts, answers, strict=True))

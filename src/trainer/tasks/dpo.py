@@ -233,7 +233,8 @@ class DPOTask(Task):
 
     def eval_metrics(self, sums: list[float]) -> dict[str, float]:
         n, *totals, kl, tokens = sums
-        metrics = {name: total / max(n, 1.0) for name, total in zip(EVAL_NAMES, totals)}
+        named = zip(EVAL_NAMES, totals, strict=True)
+        metrics = {name: total / max(n, 1.0) for name, total in named}
         metrics["kl"] = kl / max(tokens, 1.0)
         return metrics
 
