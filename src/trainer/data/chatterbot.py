@@ -3,7 +3,8 @@
 Source: the PyPI package `chatterbot-corpus==1.3.3` (BSD-3-Clause), fetched
 with `pip download --no-deps` (never installed: only its YAML files are read,
 straight from the wheel) and verified by the wheel's SHA-256. Its English part
-is 21 files, 2,026 conversations, 2,393 pairs of consecutive turns.
+is 21 files, 2,025 conversations (one malformed entry skipped), 2,306
+pairs of consecutive turns.
 
 Held-out pairs are split by question, not by pair: the corpus often gives one
 question several answers, and a validation pair whose question the model saw
@@ -91,7 +92,9 @@ def read_conversations(wheel: str | Path) -> list[tuple[str, list[str]]]:
             doc = yaml.safe_load(zf.read(name).decode("utf-8"))
             short = name[len(CHATTERBOT_MEMBERS) :]
             for i, turns in enumerate(doc.get("conversations") or []):
-                conversations.append((f"english/{short} #{i}", [str(t) for t in turns]))
+                # One entry (trivia.yml #13) is a lone string, a YAML slip: skip it.
+                if isinstance(turns, list) and len(turns) >= 2:
+                    conversations.append((f"english/{short} #{i}", [str(t) for t in turns]))
     if not conversations:
         raise DataError(f"{wheel}: no conversations under {CHATTERBOT_MEMBERS}")
     return conversations
