@@ -73,6 +73,16 @@ def test_truncation_keeps_the_prompt_and_refuses_when_no_answer_is_left(tokenize
     assert f"{n_prompt} tokens and max_length is {n_prompt - 1}" in message
 
 
+def test_long_prompts_are_an_error_or_skipped_on_request(tmp_path: Path, tokenizer: Any) -> None:
+    long = {"prompt": "What is AI? " * 40, "completion": "Artificial intelligence."}
+    short = {"prompt": "What is AI?", "completion": "Artificial intelligence."}
+    path = write_jsonl(tmp_path / "long.jsonl", [short, long])
+    with pytest.raises(DataError, match=f"^{path} line 2: the prompt takes .* skip_long_prompts"):
+        jsonl_sft(path, tokenizer, max_length=32)
+    kept = jsonl_sft(path, tokenizer, max_length=32, skip_long_prompts=True)
+    assert len(kept) == 1 and trained_text(tokenizer, kept[0]).startswith("Artificial")
+
+
 def test_jsonl_sft_formats_agree(tmp_path: Path, tokenizer: Any) -> None:
     user = [{"role": "user", "content": "What is AI?"}]
     answer = [{"role": "assistant", "content": "Artificial intelligence."}]

@@ -19,6 +19,7 @@ packing off for validation so held-out loss is per example.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from torch.utils.data import Dataset
 from trainer.data import chatterbot
 from trainer.data.chat_format import (
     Message,
+    PromptTooLong,
     encode_conversation,
     load_tokenizer,
     preference_row,
@@ -39,6 +41,8 @@ from trainer.data.chat_format import (
 )
 from trainer.errors import ConfigError, DataError
 from trainer.tasks.base import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_LENGTH = 512
 
@@ -53,18 +57,28 @@ class ChatDataset(Dataset):
         max_length: int = DEFAULT_MAX_LENGTH,
         packing: bool = False,
         chat_template: str | None = None,
+        skip_long_prompts: bool = False,
     ) -> None:
         """`conversations`: (where, messages, train_from) per example; `where`
-        names it in errors ("file.jsonl line 3")."""
+        names it in errors ("file.jsonl line 3"). A prompt that leaves nothing of
+        its answer within `max_length` is an error, or skipped (and counted in
+        the log) with `skip_long_prompts`."""
         if max_length < 2:
             raise ConfigError(f"data.dataset.max_length={max_length} must be >= 2")
         self.tokenizer = load_tokenizer(tokenizer, chat_template)
         require_chat_template(self.tokenizer)
         self.max_length = max_length
         examples = []
+        skipped = 0
         for where, messages, train_from in conversations:
             ids, trained = encode_conversation(self.tokenizer, messages, train_from, where)
-            examples.append(to_example(ids, trained, max_length, where))
+            try:
+                examples.append(to_example(ids, trained, max_length, where))
+            except PromptTooLong:
+                if not skip_long_prompts:
+                    raise
+                skipped += 1
+        _log_skipped(skipped, max_length)
         if not examples:
             raise DataError("the instruction data has no examples")
         self.n_examples = len(examples)
@@ -86,22 +100,34 @@ class PreferenceDataset(Dataset):
         tokenizer: Any,
         max_length: int = DEFAULT_MAX_LENGTH,
         chat_template: str | None = None,
+        skip_long_prompts: bool = False,
     ) -> None:
-        """`triples`: (where, prompt, chosen, rejected) messages per pair."""
+        """`triples`: (where, prompt, chosen, rejected) messages per pair; long
+        prompts as in ChatDataset."""
         if max_length < 2:
             raise ConfigError(f"data.dataset.max_length={max_length} must be >= 2")
         self.tokenizer = load_tokenizer(tokenizer, chat_template)
         require_chat_template(self.tokenizer)
         self.max_length = max_length
         self.items = []
+        skipped = 0
         for where, prompt, chosen, rejected in triples:
             item = {}
-            for name, answer in (("chosen", chosen), ("rejected", rejected)):
-                at = f"{where} ({name})"
-                ids, trained = encode_conversation(self.tokenizer, prompt + answer, len(prompt), at)
-                for key, value in to_example(ids, trained, max_length, at).items():
-                    item[f"{name}_{key}"] = value
+            try:
+                for name, answer in (("chosen", chosen), ("rejected", rejected)):
+                    at = f"{where} ({name})"
+                    ids, trained = encode_conversation(
+                        self.tokenizer, prompt + answer, len(prompt), at
+                    )
+                    for key, value in to_example(ids, trained, max_length, at).items():
+                        item[f"{name}_{key}"] = value
+            except PromptTooLong:
+                if not skip_long_prompts:
+                    raise
+                skipped += 1
+                continue
             self.items.append(item)
+        _log_skipped(skipped, max_length)
         if not self.items:
             raise DataError("the preference data has no pairs")
 
@@ -110,6 +136,13 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.items[index]
+
+
+def _log_skipped(skipped: int, max_length: int) -> None:
+    if skipped:
+        log.warning(
+            "skipped %d examples whose prompt leaves no answer in %d tokens", skipped, max_length
+        )
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -235,6 +268,7 @@ def chatterbot_sft(
     packing: bool = False,
     system_prompt: str | None = None,
     chat_template: str | None = None,
+    skip_long_prompts: bool = False,
 ) -> ChatDataset:
     """ChatterBot question -> answer pairs; `split` train/val holds out by question."""
     pairs = _chatterbot_split(cache_dir, split, val_size, split_seed)
@@ -242,7 +276,9 @@ def chatterbot_sft(
         (f"chatterbot {source}", _prompt(q, system_prompt) + [_assistant(a)], 1)
         for q, a, source in pairs
     ]
-    return ChatDataset(conversations, tokenizer, max_length, packing, chat_template)
+    return ChatDataset(
+        conversations, tokenizer, max_length, packing, chat_template, skip_long_prompts
+    )
 
 
 def chatterbot_dpo(
@@ -255,6 +291,7 @@ def chatterbot_dpo(
     max_length: int = DEFAULT_MAX_LENGTH,
     system_prompt: str | None = None,
     chat_template: str | None = None,
+    skip_long_prompts: bool = False,
 ) -> PreferenceDataset:
     """Built preferences: chosen = the corpus' answer, rejected = an answer to another
     question of the same split drawn by `pair_seed` (see trainer.data.chatterbot)."""
@@ -263,7 +300,7 @@ def chatterbot_dpo(
         (f"chatterbot pair {i}", _prompt(q, system_prompt), [_assistant(c)], [_assistant(r)])
         for i, (q, c, r) in enumerate(chatterbot.preference_triples(pairs, pair_seed))
     ]
-    return PreferenceDataset(triples, tokenizer, max_length, chat_template)
+    return PreferenceDataset(triples, tokenizer, max_length, chat_template, skip_long_prompts)
 
 
 def jsonl_sft(
@@ -272,10 +309,13 @@ def jsonl_sft(
     max_length: int = DEFAULT_MAX_LENGTH,
     packing: bool = False,
     chat_template: str | None = None,
+    skip_long_prompts: bool = False,
 ) -> ChatDataset:
     """Rows `{"prompt", "completion"}` (strings or message lists) or `{"messages": [...]}`."""
     conversations = [(where, *sft_row(row, where)) for where, row in read_jsonl(path)]
-    return ChatDataset(conversations, tokenizer, max_length, packing, chat_template)
+    return ChatDataset(
+        conversations, tokenizer, max_length, packing, chat_template, skip_long_prompts
+    )
 
 
 def jsonl_dpo(
@@ -283,11 +323,12 @@ def jsonl_dpo(
     tokenizer: Any,
     max_length: int = DEFAULT_MAX_LENGTH,
     chat_template: str | None = None,
+    skip_long_prompts: bool = False,
 ) -> PreferenceDataset:
     """Rows `{"prompt", "chosen", "rejected"}` (strings or message lists), or chosen and
     rejected as whole conversations sharing their first messages."""
     triples = [(where, *preference_row(row, where)) for where, row in read_jsonl(path)]
-    return PreferenceDataset(triples, tokenizer, max_length, chat_template)
+    return PreferenceDataset(triples, tokenizer, max_length, chat_template, skip_long_prompts)
 
 
 def _assistant(text: str) -> Message:

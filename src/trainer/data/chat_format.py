@@ -39,6 +39,10 @@ CHATML_TEMPLATE = (
 )
 
 
+class PromptTooLong(DataError):
+    """Nothing of an answer fits in max_length (datasets may skip these rows on request)."""
+
+
 def load_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
     """A Hugging Face tokenizer: `tokenizer` itself, or loaded from a folder or Hub name.
 
@@ -131,10 +135,11 @@ def to_example(
     labels = [tok if train else IGNORE_INDEX for tok, train in pairs]
     if all(label == IGNORE_INDEX for label in labels):
         if n_prompt >= len(ids):
-            raise DataError(
+            raise PromptTooLong(
                 f"{where}: the prompt takes {n_prompt} tokens and max_length is {max_length}, "
                 "so nothing of the answer is left to train on; raise data.dataset.max_length "
-                "(up to the model's context length) or shorten the prompt"
+                "(up to the model's context length), shorten the prompt, or set "
+                "data.dataset.skip_long_prompts=true"
             )
         raise DataError(f"{where}: the conversation has no assistant tokens to train on")
     return {
