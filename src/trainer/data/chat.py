@@ -69,6 +69,8 @@ class ChatDataset(Dataset):
         require_chat_template(self.tokenizer)
         self.max_length = max_length
         examples = []
+        # The last user message of each example, e.g. for answers shown at validation.
+        self.prompts: list[str] = []
         skipped = 0
         for where, messages, train_from in conversations:
             ids, trained = encode_conversation(self.tokenizer, messages, train_from, where)
@@ -78,6 +80,8 @@ class ChatDataset(Dataset):
                 if not skip_long_prompts:
                     raise
                 skipped += 1
+                continue
+            self.prompts.append(_last_user(messages[:train_from] or messages))
         _log_skipped(skipped, max_length)
         if not examples:
             raise DataError("the instruction data has no examples")
@@ -110,6 +114,7 @@ class PreferenceDataset(Dataset):
         require_chat_template(self.tokenizer)
         self.max_length = max_length
         self.items = []
+        self.prompts: list[str] = []  # as in ChatDataset
         skipped = 0
         for where, prompt, chosen, rejected in triples:
             item = {}
@@ -127,6 +132,7 @@ class PreferenceDataset(Dataset):
                 skipped += 1
                 continue
             self.items.append(item)
+            self.prompts.append(_last_user(prompt))
         _log_skipped(skipped, max_length)
         if not self.items:
             raise DataError("the preference data has no pairs")
@@ -136,6 +142,11 @@ class PreferenceDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.items[index]
+
+
+def _last_user(messages: list[Message]) -> str:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else ""
 
 
 def _log_skipped(skipped: int, max_length: int) -> None:
