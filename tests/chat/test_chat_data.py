@@ -76,6 +76,8 @@ def test_preference_dataset_keeps_pairs_within_the_split(
 ) -> None:
     val = chatterbot_dpo(tokenizer, chatterbot_dir, split="val", val_size=0.05)
     val_answers = {a for _, a, _ in chatterbot.split_pairs(pairs, "val", 0.05, split_seed=0)}
+    val_questions = {q for q, _, _ in chatterbot.split_pairs(pairs, "val", 0.05, split_seed=0)}
+    assert len(val.prompts) == len(val) and set(val.prompts) == val_questions
     for item in val.items:
         labels = item["rejected_labels"]
         text = tokenizer.decode(labels[labels != -100]).removesuffix("<|im_end|>\n")

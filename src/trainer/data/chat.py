@@ -31,6 +31,7 @@ from trainer.data import chatterbot
 from trainer.data.chat_format import (
     Message,
     PromptTooLong,
+    checkpointable,
     encode_conversation,
     load_tokenizer,
     preference_row,
@@ -65,15 +66,16 @@ class ChatDataset(Dataset):
         the log) with `skip_long_prompts`."""
         if max_length < 2:
             raise ConfigError(f"data.dataset.max_length={max_length} must be >= 2")
-        self.tokenizer = load_tokenizer(tokenizer, chat_template)
-        require_chat_template(self.tokenizer)
+        self.hf_tokenizer = load_tokenizer(tokenizer, chat_template)
+        require_chat_template(self.hf_tokenizer)
+        self.tokenizer = checkpointable(self.hf_tokenizer)
         self.max_length = max_length
         examples = []
         # The last user message of each example, e.g. for answers shown at validation.
         self.prompts: list[str] = []
         skipped = 0
         for where, messages, train_from in conversations:
-            ids, trained = encode_conversation(self.tokenizer, messages, train_from, where)
+            ids, trained = encode_conversation(self.hf_tokenizer, messages, train_from, where)
             try:
                 examples.append(to_example(ids, trained, max_length, where))
             except PromptTooLong:
@@ -86,7 +88,7 @@ class ChatDataset(Dataset):
         if not examples:
             raise DataError("the instruction data has no examples")
         self.n_examples = len(examples)
-        self.items = pack(examples, max_length, pad_id(self.tokenizer)) if packing else examples
+        self.items = pack(examples, max_length, pad_id(self.hf_tokenizer)) if packing else examples
 
     def __len__(self) -> int:
         return len(self.items)
@@ -110,8 +112,9 @@ class PreferenceDataset(Dataset):
         prompts as in ChatDataset."""
         if max_length < 2:
             raise ConfigError(f"data.dataset.max_length={max_length} must be >= 2")
-        self.tokenizer = load_tokenizer(tokenizer, chat_template)
-        require_chat_template(self.tokenizer)
+        self.hf_tokenizer = load_tokenizer(tokenizer, chat_template)
+        require_chat_template(self.hf_tokenizer)
+        self.tokenizer = checkpointable(self.hf_tokenizer)
         self.max_length = max_length
         self.items = []
         self.prompts: list[str] = []  # as in ChatDataset
@@ -122,7 +125,7 @@ class PreferenceDataset(Dataset):
                 for name, answer in (("chosen", chosen), ("rejected", rejected)):
                     at = f"{where} ({name})"
                     ids, trained = encode_conversation(
-                        self.tokenizer, prompt + answer, len(prompt), at
+                        self.hf_tokenizer, prompt + answer, len(prompt), at
                     )
                     for key, value in to_example(ids, trained, max_length, at).items():
                         item[f"{name}_{key}"] = value

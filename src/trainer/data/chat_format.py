@@ -65,6 +65,20 @@ def load_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
     return tokenizer
 
 
+def checkpointable(tokenizer: Any) -> Any:
+    """The data's tokenizer as the Trainer keeps it (stored in checkpoints with
+    `state_dict()`, given to the task): trainer.data.tokenizers.HFTokenizer around
+    this one, so a chat_template override is kept. None where that module is absent
+    (before issue 13's tokenizers are merged): the run then stores no tokenizer."""
+    try:
+        from trainer.data.tokenizers import HFTokenizer
+    except ImportError:
+        return None
+    wrapped = HFTokenizer(tokenizer.name_or_path)
+    wrapped.tokenizer = tokenizer
+    return wrapped
+
+
 def require_chat_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__

@@ -80,6 +80,9 @@ def answer_prompts(
     """The model's greedy answer to each prompt (a user turn of a chat)."""
     if isinstance(model, nn.parallel.DistributedDataParallel):
         model = model.module
+    if not hasattr(tokenizer, "apply_chat_template"):
+        # trainer.data.tokenizers.HFTokenizer holds the Hugging Face one as `.tokenizer`.
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
     was_training = model.training
     model.eval()
     try:

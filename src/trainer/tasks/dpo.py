@@ -21,6 +21,7 @@ next-token distributions, averaged over the chosen answers' tokens.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -93,6 +94,11 @@ def _won(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
 
 class DPOTask(Task):
     unit = "pairs"
+    metric_names = (*EVAL_NAMES, "kl")
+    sum_names = (
+        "pairs", "loss_sum", "won", "margin_sum", "chosen_sum", "rejected_sum",
+        "kl_sum", "kl_tokens",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -100,10 +106,12 @@ class DPOTask(Task):
         label_smoothing: float = 0.0,
         monitor: str = "val/reward_acc",
         monitor_mode: str = "max",
+        loss: nn.Module | None = None,
         sample_prompts: Sequence[str] = (),
         sample_tokens: int = 48,
     ) -> None:
-        super().__init__(monitor, monitor_mode)
+        """`loss` (the config's loss group) is accepted and unused: DPO's loss is its own."""
+        super().__init__(monitor, monitor_mode, None)
         if beta <= 0:
             raise ConfigError(f"task.beta={beta} must be > 0")
         if not 0 <= label_smoothing < 0.5:
@@ -126,8 +134,7 @@ class DPOTask(Task):
 
     # --- forward passes -----------------------------------------------------------
 
-    @staticmethod
-    def _check(batch: Any) -> None:
+    def check_batch(self, batch: Any) -> None:
         if not isinstance(batch, dict) or any(k not in batch for k in PAIR_KEYS):
             got = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
             raise DataError(
@@ -161,7 +168,7 @@ class DPOTask(Task):
             return self._both(self.reference, batch)
 
     def _pairs(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        self._check(batch)
+        self.check_batch(batch)
         pol_c, pol_r = self._both(model, batch)
         ref_c, ref_r = self._reference_logits(model, batch)
         c_labels, r_labels = batch["chosen_labels"], batch["rejected_labels"]
@@ -205,7 +212,7 @@ class DPOTask(Task):
         }
 
     def batch_units(self, batch: Any) -> int:
-        self._check(batch)
+        self.check_batch(batch)
         return int(batch["chosen_input_ids"].shape[0])
 
     def eval_sums(self, model: nn.Module, batch: Any) -> torch.Tensor:
@@ -233,9 +240,10 @@ class DPOTask(Task):
 
     def eval_metrics(self, sums: list[float]) -> dict[str, float]:
         n, *totals, kl, tokens = sums
-        named = zip(EVAL_NAMES, totals, strict=True)
-        metrics = {name: total / max(n, 1.0) for name, total in named}
-        metrics["kl"] = kl / max(tokens, 1.0)
+        if n == 0:
+            return dict.fromkeys(self.metric_names, math.nan)
+        metrics = {name: total / n for name, total in zip(EVAL_NAMES, totals, strict=True)}
+        metrics["kl"] = kl / tokens if tokens else math.nan
         return metrics
 
     def samples(self, model: nn.Module) -> dict[str, str]:

@@ -1,0 +1,79 @@
+"""`python train.py task=dpo data=chatterbot_dpo` and SFT through the one loop, as users run them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+
+
+def tiny_run(tiny_llama_dir: Path, chatterbot_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "train.py",
+        "~model",
+        "+model._target_=tests.chat.models.causal_lm",
+        f"+model.name_or_path={tiny_llama_dir}",
+        f"data.dataset.cache_dir={chatterbot_dir}",
+        "data.val_size=0.03",
+        "data.dataset.max_length=64",
+        "data.dataset.skip_long_prompts=true",
+        "data.batch_size=4",
+        "data.eval_batch_size=16",
+        "trainer=debug",
+        "trainer.limit_train_batches=6",
+        "trainer.progress_bar=false",
+        "trainer.test_after_fit=false",
+        "optimizer.lr=0.01",
+        "scheduler=none",
+        "logger=none",
+        f"paths.output_dir={out}",
+        f"hydra.run.dir={out}",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_dpo_through_the_cli(
+    tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path, lora_r: int
+) -> None:
+    args = tiny_run(
+        tiny_llama_dir, chatterbot_dir, tmp_path, "task=dpo", "data=chatterbot_dpo",
+        "task.beta=0.5", f"+model.lora_r={lora_r}",
+    )  # fmt: skip
+    proc = run_cli(args, REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["monitor"] == "val/reward_acc"
+    metrics = results["metrics"]
+    for name in ("loss", "reward_acc", "reward_margin", "chosen_reward", "rejected_reward", "kl"):
+        assert f"val/{name}" in metrics
+    # Six steps moved the policy away from its frozen reference (learning itself is
+    # tested in test_dpo.py; six steps of a random model do not generalize).
+    assert metrics["val/kl"] > 0 and 0 <= metrics["val/reward_acc"] <= 1
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sft_and_a_dpo_mismatch_through_the_cli(
+    tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path
+) -> None:
+    sft = tiny_run(
+        tiny_llama_dir, chatterbot_dir, tmp_path / "sft", "task=language_modeling",
+        "data=chatterbot_sft",
+    )  # fmt: skip
+    proc = run_cli(sft, REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "sft" / "results.json").read_text())["metrics"]
+    assert metrics["val/loss"] > 0 and 0 <= metrics["val/token_acc"] <= 1
+
+    wrong = tiny_run(
+        tiny_llama_dir, chatterbot_dir, tmp_path / "wrong", "task=dpo", "data=chatterbot_sft"
+    )
+    proc = run_cli(wrong, REPO, timeout=600)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: task=dpo needs preference batches"), proc.stderr[-2000:]
