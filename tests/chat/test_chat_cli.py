@@ -1,4 +1,4 @@
-"""`python train.py task=dpo data=chatterbot_dpo` and SFT through the one loop, as users run them."""
+"""`python train.py task=dpo data=chatterbot_dpo` and SFT through the one loop, as users do."""
 
 from __future__ import annotations
 
