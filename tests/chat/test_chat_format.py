@@ -77,7 +77,7 @@ def test_long_prompts_are_an_error_or_skipped_on_request(tmp_path: Path, tokeniz
     long = {"prompt": "What is AI? " * 40, "completion": "Artificial intelligence."}
     short = {"prompt": "What is AI?", "completion": "Artificial intelligence."}
     path = write_jsonl(tmp_path / "long.jsonl", [short, long])
-    with pytest.raises(DataError, match=f"^{path} line 2: the prompt takes .*skip_long_prompts=true"):
+    with pytest.raises(DataError, match=f"^{path} line 2: the prompt takes .*long_prompts=true"):
         jsonl_sft(path, tokenizer, max_length=32)
     kept = jsonl_sft(path, tokenizer, max_length=32, skip_long_prompts=True)
     assert len(kept) == 1 and trained_text(tokenizer, kept[0]).startswith("Artificial")
