@@ -124,20 +124,26 @@ def test_at_the_start_rewards_are_zero_and_accuracy_is_chance(
     )
 
 
-def lora(folder: Path) -> Any:
-    from peft import LoraConfig, get_peft_model
+def lora(folder: Path, wrapped: bool = True) -> Any:
+    """LoRA on q/v: a PeftModel, or injected in place (as finetune=lora does)."""
+    from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
-    return get_peft_model(load(folder), config)
+    if wrapped:
+        return get_peft_model(load(folder), config)
+    return inject_adapter_in_model(config, load(folder))
 
 
+@pytest.mark.parametrize("wrapped", [True, False], ids=["PeftModel", "injected"])
 def test_lora_reference_is_the_base_model_without_a_second_copy(
-    tiny_llama_dir: Path, pairs_batch: dict
+    tiny_llama_dir: Path, pairs_batch: dict, wrapped: bool
 ) -> None:
-    model = lora(tiny_llama_dir)
+    model = lora(tiny_llama_dir, wrapped)
     task = DPOTask(beta=BETA)
     task.setup(model, torch.device("cpu"))
     assert task.reference is None and task.adapters is model
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):  # the adapters move away from zero
         optimizer.zero_grad()
@@ -152,8 +158,11 @@ def test_lora_reference_is_the_base_model_without_a_second_copy(
         policy = model(ids, attention_mask=mask).logits
     torch.testing.assert_close(ref_chosen, expected, rtol=0, atol=1e-6)
     assert (policy - expected).abs().max() > 1e-3  # the adapters do change the policy
+    # The switch left every requires_grad flag as it was.
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     # Every tensor the task holds is one of the model's: no second copy of the weights.
     held = [v for v in vars(task).values() if isinstance(v, torch.nn.Module)]
+    held += [m for v in vars(task).values() if isinstance(v, list) for m in v]
     model_ptrs = {p.data_ptr() for p in model.parameters()}
     assert {p.data_ptr() for m in held for p in m.parameters()} == model_ptrs
 

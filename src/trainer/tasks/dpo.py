@@ -8,9 +8,10 @@ the rejected one's (a tie counts half, so the start, where the policy equals
 the reference, reads 0.5: chance).
 
 The reference is frozen:
-- a peft (LoRA) model is its own reference with the adapters disabled
-  (`with model.disable_adapter():`): the base weights never train, so no second
-  copy of the model is held in memory;
+- a model with peft adapters (LoRA injected in place, as finetune=lora does, or
+  a PeftModel) is its own reference with the adapters switched off, as
+  `PeftModel.disable_adapter()` does: the base weights never train, so no
+  second copy of the model is held in memory;
 - any other model is deep-copied in `setup`, which must therefore run on the
   weights the run starts from (before a checkpoint is loaded to resume).
 
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -37,13 +39,30 @@ PAIR_KEYS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejecte
 EVAL_NAMES = ("loss", "reward_acc", "reward_margin", "chosen_reward", "rejected_reward")
 
 
-def uses_adapters(model: nn.Module) -> bool:
-    """A peft model, whose adapters can be switched off to get the base model."""
+def adapter_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's peft adapter layers that are switched on (LoRA and other tuners),
+    whether peft injected them in place or a PeftModel wraps the model."""
     try:
-        from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+        return []
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+
+
+@contextmanager
+def adapters_disabled(layers: list[nn.Module]) -> Iterator[None]:
+    """The base model: adapters off, then on again with every requires_grad flag as it
+    was (peft's switch sets them, and a run may have frozen some adapters)."""
+    flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for param, flag in flags:
+            param.requires_grad_(flag)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -119,14 +138,17 @@ class DPOTask(Task):
         self.beta, self.label_smoothing = float(beta), float(label_smoothing)
         self.sample_prompts, self.sample_tokens = list(sample_prompts), sample_tokens
         self.reference: nn.Module | None = None
+        # With adapters: the model itself and its adapter layers (no copy).
         self.adapters: nn.Module | None = None
+        self.adapter_layers: list[nn.Module] = []
         self.tokenizer: Any = None
         self._train_sums: torch.Tensor | None = None
 
     def setup(self, model: nn.Module, device: torch.device, tokenizer: Any = None) -> None:
         model = _unwrap(model)
         self.tokenizer = tokenizer
-        if uses_adapters(model):
+        self.adapter_layers = adapter_layers(model)
+        if self.adapter_layers:
             self.adapters, self.reference = model, None
         else:
             self.adapters = None
@@ -161,7 +183,7 @@ class DPOTask(Task):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             if self.adapters is not None:
-                with self.adapters.disable_adapter():
+                with adapters_disabled(self.adapter_layers):
                     return self._both(self.adapters, batch)
             if self.reference is None:
                 raise RuntimeError("DPOTask.setup(model, device) must run before training")
