@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from tests.conftest import REPO, run_cli
 
@@ -77,3 +79,31 @@ def test_sft_and_a_dpo_mismatch_through_the_cli(
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert lines[-1].startswith("error: task=dpo needs preference batches"), proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_dpo_resumed_mid_epoch_ends_with_the_same_weights(
+    tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path
+) -> None:
+    """The frozen reference is the starting model in a resumed run too (it is copied
+    before the checkpoint loads), so training on from step 2 equals a straight run."""
+    from tests.conftest import compose_config
+    from trainer.checkpoint import load_checkpoint
+    from trainer.run import train
+
+    def config(out: Path, *extra: str) -> Any:
+        args = tiny_run(tiny_llama_dir, chatterbot_dir, out, "task=dpo", "data=chatterbot_dpo")
+        overrides = [a for a in args[1:] if not a.startswith(("paths.", "hydra."))]
+        return compose_config([*overrides, "trainer.limit_train_batches=4", *extra], out)
+
+    train(config(tmp_path / "straight"))
+    train(config(tmp_path / "first", "trainer.max_steps=2"))
+    first = tmp_path / "first" / "checkpoints" / "last.pt"
+    assert load_checkpoint(first)["global_step"] == 2
+    train(config(tmp_path / "resumed", f"ckpt_path={first}"))
+    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert resumed["global_step"] == 4
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b, mid = resumed["model"], load_checkpoint(first)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], mid[k]) for k in a)  # steps 3 and 4 did train
