@@ -203,3 +203,16 @@ def test_no_validation_split():
     with pytest.raises(ValueError, match="no 'val' split"):
         data.batches("val")
     assert text.split_text("abcdefghij", 0.1) == ("abcdefghi", "j")
+
+
+@pytest.mark.parametrize("name, vocab", [("shakespeare_char", 65), ("shakespeare_complete", 84)])
+def test_data_configs_instantiate(name, vocab):
+    from hydra import compose, initialize_config_module
+    from hydra.utils import instantiate
+
+    with initialize_config_module("trainer.configs", version_base="1.3"):
+        cfg = compose(f"data/{name}", overrides=[f"+paths.data_dir={DATA_DIR}"])
+    data = instantiate(cfg.data)
+    assert isinstance(data, TokenStreamData) and data.corpus_name == name
+    assert (data.vocab_size, data.block_size, data.batch_size) == (vocab, 256, 64)
+    assert data.tokenizer_spec == "char" and data.data_dir == str(DATA_DIR)
