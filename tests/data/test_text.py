@@ -216,3 +216,22 @@ def test_data_configs_instantiate(name, vocab):
     assert isinstance(data, TokenStreamData) and data.corpus_name == name
     assert (data.vocab_size, data.block_size, data.batch_size) == (vocab, 256, 64)
     assert data.tokenizer_spec == "char" and data.data_dir == str(DATA_DIR)
+
+
+@pytest.mark.slow
+def test_hugging_face_tokenizer_streams(tiny_llama_dir, tmp_path):
+    own = tmp_path / "plays.txt"
+    corpus = TINY.read_text(encoding="utf-8")[:200_000]
+    own.write_text(corpus, encoding="utf-8")
+    char = make(corpus=str(own), vocab_size=len(set(corpus)))
+    bpe = make(corpus=str(own), tokenizer=str(tiny_llama_dir), vocab_size=None)
+    assert bpe.vocab_size == bpe.tokenizer.vocab_size == 384
+    assert bpe.tokenizer.decode(bpe.splits["train"].tolist()) == corpus[:180_000]
+    assert bpe.tokenizer.decode(bpe.splits["val"].tolist()) == corpus[180_000:]
+    assert len(bpe.splits["train"]) < 0.7 * len(char.splits["train"])  # merges at work
+    names = sorted(p.name for p in (tmp_path / "token_cache").iterdir())
+    assert len(names) == 4 and len({n.split("-")[2] for n in names}) == 2  # two tokenizers
+    batch = next(bpe.batches("train").epoch(0))
+    assert batch["input_ids"].shape == (12, 64) and int(batch["input_ids"].max()) < 384
+    with pytest.raises(ConfigError, match="set data.vocab_size=384 \\(or larger\\)"):
+        make(corpus=str(own), tokenizer=str(tiny_llama_dir), vocab_size=300)

@@ -58,13 +58,6 @@ def test_bad_state_is_a_checkpoint_error():
         tokenizer_from_state({"kind": "bpe?"})
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_dir(tmp_path_factory, tiny_text):
-    from trainer.models.tiny_llama import build_tiny_llama
-
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_text[:20000])
-
-
 @pytest.mark.slow
 def test_hf_tokenizer(tiny_llama_dir, tmp_path):
     tok = HFTokenizer(str(tiny_llama_dir))
