@@ -94,16 +94,20 @@ class TokenBatches:
         for b in range(start_batch, self.num_batches):
             yield self.windows(self.batch_starts(epoch, b))
 
+    def _to_device(self, host: torch.Tensor) -> torch.Tensor:
+        # A copy from pageable memory would make the host wait for the GPU every step;
+        # from pinned memory it is queued on the stream and the host runs ahead.
+        if self.device.type == "cuda":
+            return host.pin_memory().to(self.device, non_blocking=True)
+        return host.to(self.device)
+
     def windows(self, starts: torch.Tensor) -> Batch:
         if self.on_device:
-            index = (starts.to(self.device)[:, None] + self.span).view(-1)
+            index = (self._to_device(starts)[:, None] + self.span).view(-1)
             w = self.tokens.index_select(0, index).view(len(starts), -1)  # type: ignore[union-attr]
         else:
             w = torch.from_numpy(self.tokens[starts.numpy()[:, None] + self.span].astype(np.int64))
-            if self.device.type == "cuda":
-                w = w.pin_memory().to(self.device, non_blocking=True)
-            else:
-                w = w.to(self.device)
+            w = self._to_device(w)
         return {"input_ids": w[:, :-1].contiguous(), "labels": w[:, 1:].contiguous()}
 
 
