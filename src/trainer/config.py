@@ -23,6 +23,8 @@ _MAX_DIRNAME = 200
 
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("32", "bf16", "fp16", "auto")
+STRATEGIES = ("ddp", "fsdp")
+NAN_POLICIES = ("error", "skip")
 
 
 @dataclass

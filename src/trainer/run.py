@@ -274,7 +274,7 @@ def _train(
 
 def split_batches(data: Any, trainer_cfg: DictConfig, seed: int, ctx: Any) -> Any:
     """This rank's batches of every split the data has."""
-    from trainer.trainer import SplitBatches
+    from trainer.data.batches import SplitBatches
 
     shard = {"rank": ctx.rank, "world_size": ctx.world_size}
     train = data.batches("train", seed=seed, limit_batches=trainer_cfg.limit_train_batches, **shard)
@@ -358,7 +358,9 @@ def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The overrides, flattened, plus the few settings every run should show."""
     values: dict[str, Any] = {
         "model": _short_target(cfg.model),
-        "data": cfg.data.get("name") or _short_target(cfg.data.get("dataset") or cfg.data),
+        "data": cfg.data.get("name")
+        or cfg.data.get("corpus")
+        or _short_target(cfg.data.get("dataset") or cfg.data),
         "task": _short_target(cfg.task),
         "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
         "optimizer.lr": cfg.optimizer.lr,

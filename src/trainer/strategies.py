@@ -16,9 +16,6 @@ from torch import nn
 
 from trainer.checkpoint import check_state_fits, load_model_state, unwrapped_state_dict
 from trainer.distributed import SINGLE, DistContext
-from trainer.errors import ConfigError
-
-STRATEGIES = ("ddp", "fsdp")
 
 
 class SingleProcess:
@@ -120,8 +117,7 @@ class FSDP(SingleProcess):
 
 
 def make_strategy(name: str, ctx: DistContext) -> SingleProcess:
-    if name not in STRATEGIES:
-        raise ConfigError(f"trainer.strategy={name!r} must be one of {', '.join(STRATEGIES)}")
+    """`name` was checked with the config (validation.py)."""
     if not ctx.enabled:
         return SingleProcess(ctx)
     return {"ddp": DDP, "fsdp": FSDP}[name](ctx)

@@ -1,7 +1,9 @@
 """The training loop: fit() runs epochs; one batch goes forward, backward, step.
 
-Follow a batch: `_train_epoch` takes it from the data iterator, runs the model
-under autocast, checks the loss (`NanGuard`), scales and backpropagates it, and
+Follow a batch: `_train_epoch` takes it from the data iterator, the task turns it
+into a loss under autocast (`tasks/`: classification, language modeling, ...; the
+loop knows nothing of images or tokens), `NanGuard` checks the loss, it is scaled
+and backpropagated, and
 every `accumulate_grad_batches` micro-batches `_optimizer_step` clips, steps the
 optimizer and the scheduler. Metrics stay on the device and are read back only
 when logging, at validation and at epoch ends.
@@ -18,7 +20,6 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from tqdm import tqdm
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import plain_config
+from trainer.data.batches import SplitBatches
 from trainer.distributed import all_reduce_sum, barrier
 from trainer.errors import ConfigError, Preempted
 from trainer.evaluation import evaluate_model
@@ -40,17 +42,6 @@ from trainer.strategies import SingleProcess
 from trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class SplitBatches:
-    """The batch iterators of one run, as this rank sees them."""
-
-    train: Any
-    val: Any | None
-    test: Any | None
-    global_batch: int  # samples per optimizer micro-step over all ranks
-    seed: int  # the training order is a function of (seed, epoch, batch)
 
 
 class Trainer:

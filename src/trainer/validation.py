@@ -22,7 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.config import (
     ACCELERATORS,
+    NAN_POLICIES,
     PRECISIONS,
+    STRATEGIES,
     CheckpointConfig,
     PathsConfig,
     TrainerConfig,
@@ -162,6 +164,16 @@ def check_trainer_config(trainer_cfg: Any) -> None:
     if stopping.min_delta < 0:
         raise ConfigError(f"trainer.early_stopping.min_delta={stopping.min_delta} must be >= 0")
     check_accelerator_name(trainer_cfg)
+    for key, choices in (("strategy", STRATEGIES), ("nan_policy", NAN_POLICIES)):
+        if trainer_cfg[key] not in choices:
+            raise ConfigError(
+                f"trainer.{key}={trainer_cfg[key]!r} must be one of {', '.join(choices)}"
+                f"{did_you_mean(str(trainer_cfg[key]), choices)}"
+            )
+    if trainer_cfg.max_consecutive_nan < 1:
+        raise ConfigError(
+            f"trainer.max_consecutive_nan={trainer_cfg.max_consecutive_nan} must be >= 1"
+        )
     precision = str(trainer_cfg.precision)
     if precision not in PRECISIONS:
         alias = PRECISION_ALIASES.get(precision.lower())

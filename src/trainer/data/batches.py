@@ -7,6 +7,8 @@ rebuilds the same permutation and continues from batch k, with nothing to skip.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -208,3 +210,14 @@ def to_device(batch: object, device: torch.device) -> object:
     if isinstance(batch, tuple | list):
         return type(batch)(to_device(value, device) for value in batch)
     return batch
+
+
+@dataclass(frozen=True)
+class SplitBatches:
+    """The batch iterators of one run, as this rank sees them."""
+
+    train: Any
+    val: Any | None
+    test: Any | None
+    global_batch: int  # samples per optimizer micro-step over all ranks
+    seed: int  # the training order is a function of (seed, epoch, batch)
