@@ -46,8 +46,8 @@ class MoEConfig:
     aux_loss_weight: float = 0.01
     # null: dropless; a number: fixed expert capacity while training (see module docstring).
     capacity_factor: float | None = None
-    # Hidden width of each expert; null: 4 * n_embd, the dense MLP's. For the dense model's
-    # active parameters per token, use 4 * n_embd / top_k.
+    # Hidden width of each expert; null: 4 * n_embd / top_k, so a token uses as many
+    # feed-forward parameters as in the dense model (4 * n_embd: each expert as wide).
     hidden: int | None = None
 
     @classmethod
@@ -97,7 +97,8 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, n_embd: int, config: MoEConfig, bias: bool, dropout: float) -> None:
         super().__init__()
-        experts, hidden = config.num_experts, config.hidden or 4 * n_embd
+        experts = config.num_experts
+        hidden = config.hidden or max(1, 4 * n_embd // config.top_k)
         self.num_experts, self.top_k = experts, config.top_k
         self.capacity_factor = config.capacity_factor
         self.router = nn.Linear(n_embd, experts, bias=False)
