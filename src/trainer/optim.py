@@ -28,7 +28,8 @@ def param_groups(
     """Weight decay on weight matrices and conv kernels only (nanoGPT's rule).
 
     Decaying biases and norm scales only pulls them towards zero, which hurts;
-    1-d parameters are exactly those. Embedding tables are lookups, not maps:
+    1-d parameters are exactly those, and the stacked biases of several experts
+    are named `*bias`. Embedding tables are lookups, not maps:
     decay would shrink the vectors of rare tokens each step they go unseen, so
     they get none either (a table tied to an output layer is still an
     embedding's parameter). Each group records its `lr_mult`, so
@@ -57,7 +58,7 @@ def param_groups(
         rule_index = next(
             (i for i, r in enumerate(rules) if matches_any(name, r["params"])), len(rules)
         )
-        decays = param.ndim >= 2 and id(param) not in embeddings
+        decays = param.ndim >= 2 and id(param) not in embeddings and not name.endswith("bias")
         buckets.setdefault((rule_index, decays), []).append(param)
     groups = []
     # Unmatched params first, so param_groups[0] (the logged train/lr) runs at optimizer.lr;

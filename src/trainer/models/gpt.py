@@ -200,7 +200,7 @@ class GPT(nn.Module):
         if active and self.moe is not None:
             for module in self.modules():
                 if isinstance(module, MoEFeedForward):
-                    experts = [module.w_fc, module.w_proj, module.b_fc, module.b_proj]
+                    experts = [module.w_fc, module.w_proj, module.fc_bias, module.proj_bias]
                     size = sum(p.numel() for p in experts if p is not None)
                     total -= size * (module.num_experts - module.top_k) // module.num_experts
         return total

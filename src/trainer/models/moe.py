@@ -104,15 +104,15 @@ class MoEFeedForward(nn.Module):
         self.router = nn.Linear(n_embd, experts, bias=False)
         self.w_fc = nn.Parameter(torch.empty(experts, n_embd, hidden))
         self.w_proj = nn.Parameter(torch.empty(experts, hidden, n_embd))
-        self.b_fc = nn.Parameter(torch.zeros(experts, hidden)) if bias else None
-        self.b_proj = nn.Parameter(torch.zeros(experts, n_embd)) if bias else None
+        self.fc_bias = nn.Parameter(torch.zeros(experts, hidden)) if bias else None
+        self.proj_bias = nn.Parameter(torch.zeros(experts, n_embd)) if bias else None
         self.dropout = nn.Dropout(dropout)
 
     def init_weights(self, std: float, proj_std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
         nn.init.normal_(self.w_fc, std=std)
         nn.init.normal_(self.w_proj, std=proj_std)
-        for bias in (self.b_fc, self.b_proj):
+        for bias in (self.fc_bias, self.proj_bias):
             if bias is not None:
                 nn.init.zeros_(bias)
 
@@ -137,12 +137,16 @@ class MoEFeedForward(nn.Module):
         return self.dropout(y.reshape(shape)), balance_loss, fractions.detach()
 
     def _expert(self, e: int, h: torch.Tensor) -> torch.Tensor:
-        h = h @ self.w_fc[e] if self.b_fc is None else torch.addmm(self.b_fc[e], h, self.w_fc[e])
+        h = (
+            h @ self.w_fc[e]
+            if self.fc_bias is None
+            else torch.addmm(self.fc_bias[e], h, self.w_fc[e])
+        )
         h = F.gelu(h)
         return (
             h @ self.w_proj[e]
-            if self.b_proj is None
-            else torch.addmm(self.b_proj[e], h, self.w_proj[e])
+            if self.proj_bias is None
+            else torch.addmm(self.proj_bias[e], h, self.w_proj[e])
         )
 
     def _dropless(
@@ -178,14 +182,14 @@ class MoEFeedForward(nn.Module):
         h = buffer[:-1].view(num, capacity, c)
         h = (
             torch.bmm(h, self.w_fc)
-            if self.b_fc is None
-            else torch.baddbmm(self.b_fc.unsqueeze(1), h, self.w_fc)
+            if self.fc_bias is None
+            else torch.baddbmm(self.fc_bias.unsqueeze(1), h, self.w_fc)
         )
         h = F.gelu(h)
         h = (
             torch.bmm(h, self.w_proj)
-            if self.b_proj is None
-            else torch.baddbmm(self.b_proj.unsqueeze(1), h, self.w_proj)
+            if self.proj_bias is None
+            else torch.baddbmm(self.proj_bias.unsqueeze(1), h, self.w_proj)
         )
         h = torch.cat([h.reshape(num * capacity, c), h.new_zeros(1, c)])
         weight = (gates.t().reshape(-1) * kept).unsqueeze(1)
