@@ -201,3 +201,22 @@ def test_generate_cli_errors_are_one_line(checkpoint, monkeypatch, capsys, args,
     code, out, err = run_generate(monkeypatch, capsys, f"ckpt_path={checkpoint}", *args)
     assert code == 2 and out == ""
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.slow
+def test_hugging_face_models_sample_through_their_own_generate(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from trainer.models.tiny_llama import build_tiny_llama
+
+    folder = build_tiny_llama(tmp_path / "llama", "to be or not to be, that is the question. " * 20)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    prompt = torch.tensor([[5, 9, 14]])
+    greedy = generate(model, prompt, 12, temperature=0.0, eos_id=-1)
+    ids = prompt
+    with torch.no_grad():  # the definition: append the argmax, a full forward each time
+        for _ in range(12):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(greedy.ids, ids) and greedy.new_tokens == 12
+    draws = [generate(model, prompt, 12, 1.0, 50, seed, eos_id=-1).ids for seed in (3, 3)]
+    assert torch.equal(draws[0], draws[1])
