@@ -35,7 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {device.type}, {torch.get_num_threads()} threads")
-    print("| model | block | new tokens | window_keep | no cache tok/s | KV cache tok/s | speedup |")
+    print(
+        "| model | block | new tokens | window_keep | no cache tok/s | KV cache tok/s | speedup |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.sizes.split(","):
         sizes = SIZES[name]

@@ -220,3 +220,11 @@ def test_hugging_face_models_sample_through_their_own_generate(tmp_path: Path) -
     assert torch.equal(greedy.ids, ids) and greedy.new_tokens == 12
     draws = [generate(model, prompt, 12, 1.0, 50, seed, eos_id=-1).ids for seed in (3, 3)]
     assert torch.equal(draws[0], draws[1])
+
+
+def test_wrapped_models_sample_as_the_module_inside() -> None:
+    model = gpt()
+    prompt = torch.tensor([[3, 4]])
+    expected = generate(model, prompt, 10, 0.0).ids
+    assert torch.equal(generate(torch.nn.DataParallel(model), prompt, 10, 0.0).ids, expected)
+    assert torch.equal(generate(torch.compile(model), prompt, 10, 0.0).ids, expected)

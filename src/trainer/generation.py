@@ -76,6 +76,7 @@ def generate(
     sample mid-training. `seed` makes the draw repeatable (None: torch's global RNG).
     """
     check_sampling(max_new_tokens, temperature, top_k)
+    model = unwrap(model)
     was_training = model.training
     model.eval()
     try:
@@ -101,6 +102,22 @@ def generate(
             )
     finally:
         model.train(was_training)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / DataParallel / torch.compile wrappers.
+
+    Sampling runs on one process with shapes that change each token: through DDP
+    it would wait for other ranks, through torch.compile it would recompile.
+    """
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            # torch.compile's wrapper: torch has no public accessor for the compiled module.
+            model = model._orig_mod
+        else:
+            return model
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
