@@ -16,9 +16,6 @@ from torch import nn
 
 from trainer.checkpoint import check_state_fits, load_model_state, unwrapped_state_dict
 from trainer.distributed import SINGLE, DistContext
-from trainer.errors import ConfigError
-
-STRATEGIES = ("ddp", "fsdp")
 
 
 class SingleProcess:
@@ -26,6 +23,12 @@ class SingleProcess:
 
     def __init__(self, ctx: DistContext = SINGLE) -> None:
         self.ctx = ctx
+        self.wrapped: nn.Module | None = None  # what attach() made of the model
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Wrap `model` for this strategy and keep the result: the strategy owns it."""
+        self.wrapped = self.wrap(model)
+        return self.wrapped
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -114,8 +117,7 @@ class FSDP(SingleProcess):
 
 
 def make_strategy(name: str, ctx: DistContext) -> SingleProcess:
-    if name not in STRATEGIES:
-        raise ConfigError(f"trainer.strategy={name!r} must be one of {', '.join(STRATEGIES)}")
+    """`name` was checked with the config (validation.py)."""
     if not ctx.enabled:
         return SingleProcess(ctx)
     return {"ddp": DDP, "fsdp": FSDP}[name](ctx)
