@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -12,39 +11,12 @@ import torch.nn.functional as F
 
 from trainer import cli
 from trainer.checkpoint import save_checkpoint
+from trainer.data.tokenizers import CharTokenizer
 from trainer.errors import UserError
-from trainer.generation import encode_prompt, generate, generate_text, sample_next
+from trainer.generation import encode_prompt, generate, sample_next, sample_texts
 from trainer.models.gpt import GPT
 
 ALPHABET = "\n !',.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-
-
-class StandInCharTokenizer:
-    """The character tokenizer's interface (lm_interfaces.md section 4), for this branch."""
-
-    eos_id = None
-
-    def __init__(self, chars: list[str] | str) -> None:
-        self.chars = list(chars)
-        self.index = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.index[c] for c in text]  # KeyError on a character outside the vocabulary
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
-
-    def state_dict(self) -> dict:
-        return {"type": "char", "chars": self.chars}
-
-
-def char_tokenizer(chars: str):
-    try:
-        from trainer.data.tokenizers import CharTokenizer
-    except ImportError:
-        return StandInCharTokenizer(chars)
-    return CharTokenizer(list(chars))
 
 
 def gpt(moe: dict | None = None, block_size: int = 16, vocab_size: int = 13) -> GPT:
@@ -99,7 +71,7 @@ def test_a_trained_model_continues_its_pattern_past_the_block() -> None:
     """Real learning through the real sampler: a cycle longer than the block is continued
     after the window has slid several times."""
     text = "the quick brown fox. " * 40
-    tokenizer = StandInCharTokenizer(sorted(set(text)))
+    tokenizer = CharTokenizer.from_text(text)
     data = torch.tensor(tokenizer.encode(text))
     torch.manual_seed(0)
     model = GPT(tokenizer.vocab_size, 12, n_layer=2, n_head=2, n_embd=32)
@@ -112,13 +84,13 @@ def test_a_trained_model_continues_its_pattern_past_the_block() -> None:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    out = generate_text(model, tokenizer, "the qu", max_new_tokens=60, temperature=0.0)
+    out = sample_texts(model, tokenizer, "the qu", max_new_tokens=60, temperature=0.0)
     assert out.texts[0] == text[:66]
     assert out.new_tokens == 60 and out.tokens_per_s > 0
 
 
 def test_prompt_errors_name_the_problem() -> None:
-    tokenizer = StandInCharTokenizer("abc ")
+    tokenizer = CharTokenizer(list("abc "))
     assert encode_prompt(tokenizer, "ab c", 8) == [0, 1, 3, 2]
     with pytest.raises(
         UserError, match=r"2 character\(s\) the model's vocabulary lacks: 'Z', '\?'"
@@ -136,13 +108,9 @@ def test_prompt_errors_name_the_problem() -> None:
 
 
 @pytest.fixture
-def checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def checkpoint(tmp_path: Path) -> Path:
     """A checkpoint in the trainer's format: the run config, the weights, the tokenizer."""
-    tokenizer = char_tokenizer(ALPHABET)
-    if isinstance(tokenizer, StandInCharTokenizer):  # until trainer.data.tokenizers lands
-        module = types.ModuleType("trainer.data.tokenizers")
-        module.tokenizer_from_state = lambda state: StandInCharTokenizer(state["chars"])
-        monkeypatch.setitem(sys.modules, "trainer.data.tokenizers", module)
+    tokenizer = CharTokenizer(list(ALPHABET))
     model_cfg = {
         "_target_": "trainer.models.gpt.GPT",
         "vocab_size": len(ALPHABET),

@@ -3,8 +3,8 @@
 `generate(model, prompt_ids, ...)` dispatches on the model's type: this
 trainer's GPT samples with its KV cache (`sample_gpt`); Hugging Face causal
 LMs use their own `generate` (`sample_hf`, where chat templates belong).
-`generate_text(model, tokenizer, prompt, ...)` wraps it with the tokenizer,
-checks the prompt, and reports tokens/s.
+`sample_texts(model, tokenizer, prompt, ...)` wraps it with the tokenizer,
+checks the prompt, and reports tokens/s; `generate_text` returns one text.
 
 The KV cache makes each new token cost one position instead of the whole
 context. A GPT with learned positions sees at most `block_size` tokens, and
@@ -217,16 +217,11 @@ def encode_prompt(tokenizer: Any, prompt: str, block_size: int | None) -> list[i
         raise UserError('the prompt is empty; give some text, e.g. prompt="ROMEO:"')
     try:
         ids = tokenizer.encode(prompt)
-    except UserError:
-        raise
-    except (KeyError, ValueError) as e:
-        unknown = []
-        for char in dict.fromkeys(prompt):
-            try:
-                tokenizer.encode(char)
-            except (KeyError, ValueError):
-                unknown.append(char)
+    except (UserError, KeyError, ValueError) as e:
+        unknown = [c for c in dict.fromkeys(prompt) if not _encodes(tokenizer, c)]
         if not unknown:
+            if isinstance(e, UserError):
+                raise
             raise UserError(f"cannot encode the prompt: {e}") from None
         raise UserError(
             f"the prompt has {len(unknown)} character(s) the model's vocabulary lacks: "
@@ -238,6 +233,14 @@ def encode_prompt(tokenizer: Any, prompt: str, block_size: int | None) -> list[i
             "(the most it can see at once); shorten it"
         )
     return ids
+
+
+def _encodes(tokenizer: Any, text: str) -> bool:
+    try:
+        tokenizer.encode(text)
+    except (UserError, KeyError, ValueError):
+        return False
+    return True
 
 
 @dataclass
@@ -256,11 +259,24 @@ def generate_text(
     temperature: float = 0.8,
     top_k: int | None = 200,
     seed: int | None = 0,
+) -> str:
+    """The prompt and one sampled continuation: what the LM task logs at each validation."""
+    return sample_texts(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed).texts[0]
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 200,
+    seed: int | None = 0,
     num_samples: int = 1,
     use_cache: bool = True,
     window_keep: int | None = None,
 ) -> GeneratedText:
-    """Text continuing `prompt`; what the LM task logs at validation and generate.py prints."""
+    """`num_samples` texts continuing `prompt`, with the time taken: what generate.py prints."""
     block = model.block_size if isinstance(model, GPT) else None
     ids = encode_prompt(tokenizer, prompt, block)
     if isinstance(model, GPT) and getattr(tokenizer, "vocab_size", None) is not None:
@@ -325,7 +341,7 @@ def run_generate(cfg: Any) -> GeneratedText:
     model = build_model(run_config)
     load_model_state(model, state["model"], str(cfg.ckpt_path))
     model.to(device)
-    result = generate_text(
+    result = sample_texts(
         model,
         tokenizer,
         prompt,
