@@ -108,6 +108,8 @@ def test_console_scripts_work_from_a_non_editable_install(tmp_path: Path) -> Non
     done = run_cli(["trainer-eval", f"ckpt_path={ckpt}", "hydra.run.dir=ev"], cwd=work, env=env)
     assert done.returncode == 0, done.stderr
     assert "test/acc:" in done.stdout
+    done = run_cli(["trainer-generate", "ckpt_path=none.pt"], cwd=work, env=env)
+    assert done.returncode == 2 and "checkpoint none.pt does not exist" in done.stderr
     # The installed copy, not the source tree, was imported.
     check = subprocess.run(
         [sys.executable, "-c", "import trainer.configs as c; print(c.__file__)"],

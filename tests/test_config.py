@@ -23,6 +23,10 @@ GROUPS = {
 LM_SYNTHETIC = ["data=synthetic", "data.kind=language_modeling", "task=language_modeling"]
 COMPANIONS: dict[str, list[str]] = {
     "task=language_modeling": LM_SYNTHETIC[:2] + ["model=gpt"],
+    "model=gpt": LM_SYNTHETIC,
+    "model=gpt_moe": LM_SYNTHETIC,
+    "data=shakespeare_char": ["task=language_modeling", "model=gpt"],
+    "data=shakespeare_complete": ["task=language_modeling", "model=gpt"],
 }
 
 
@@ -42,7 +46,8 @@ def test_each_option_composes_and_instantiates(group: str, option: str, tmp_path
     cfg = compose_config([f"{group}={option}", *COMPANIONS.get(f"{group}={option}", [])], tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
     task = instantiate(cfg.task, loss=instantiate(cfg.loss))
-    if "shape" not in cfg.data:  # a language model: one real batch through the task
+    default_kind = "classification" if "shape" in cfg.data else "language_modeling"
+    if cfg.data.get("kind", default_kind) == "language_modeling":  # one real batch, task and model
         data = instantiate(cfg.data, _convert_="all")
         data.setup(torch.device("cpu"))
         batch = next(iter(data.batches("train").epoch(0)))

@@ -1,4 +1,5 @@
-"""Console entry points: `trainer-train` / `python train.py` and `trainer-eval` / `python eval.py`.
+"""Console entry points: `trainer-train` / `python train.py`, `trainer-eval` / `python eval.py`
+and `trainer-generate` / `python generate.py`.
 
 User errors print one `error: ...` line to stderr and exit with code 2: bad
 config values, Hydra's composition errors (unknown key, unknown group option,
@@ -67,6 +68,14 @@ def _eval(cfg: DictConfig) -> dict[str, float]:
         return evaluate(cfg)
 
 
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="generate")
+def _generate(cfg: DictConfig) -> None:
+    from trainer.generation import run_generate
+
+    with _user_environment():
+        run_generate(cfg)
+
+
 def train_main() -> None:
     _import_from_working_folder()
     _give_non_main_ranks_a_scratch_dir()
@@ -76,6 +85,10 @@ def train_main() -> None:
 def eval_main() -> None:
     _import_from_working_folder()
     _run_reporting_user_errors(_eval)
+
+
+def generate_main() -> None:
+    _run_reporting_user_errors(_generate)
 
 
 def _import_from_working_folder() -> None:

@@ -25,10 +25,14 @@ def param_groups(
     base_lr: float | None = None,
     only: Collection[nn.Parameter] | None = None,
 ) -> list[dict]:
-    """Weight decay on weight matrices and conv kernels only.
+    """Weight decay on weight matrices and conv kernels only (nanoGPT's rule).
 
     Decaying biases and norm scales only pulls them towards zero, which hurts;
-    1-d parameters are exactly those. Each group records its `lr_mult`, so
+    1-d parameters are exactly those, and the stacked biases of several experts
+    are named `*bias`. Embedding tables are lookups, not maps:
+    decay would shrink the vectors of rare tokens each step they go unseen, so
+    they get none either (a table tied to an output layer is still an
+    embedding's parameter). Each group records its `lr_mult`, so
     schedulers and gradual unfreezing keep the ratio between groups. `only`
     restricts the groups to those params (used when unfreezing).
     """
@@ -44,6 +48,9 @@ def param_groups(
         (f"group{i}", float(r.get("lr_mult", 1.0)), r.get("weight_decay"))
         for i, r in enumerate(rules)
     ] + [("default", 1.0, None)]
+    embeddings = {
+        id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()
+    }
     buckets: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in named:
         if not param.requires_grad:
@@ -51,7 +58,8 @@ def param_groups(
         rule_index = next(
             (i for i, r in enumerate(rules) if matches_any(name, r["params"])), len(rules)
         )
-        buckets.setdefault((rule_index, param.ndim >= 2), []).append(param)
+        decays = param.ndim >= 2 and id(param) not in embeddings and not name.endswith("bias")
+        buckets.setdefault((rule_index, decays), []).append(param)
     groups = []
     # Unmatched params first, so param_groups[0] (the logged train/lr) runs at optimizer.lr;
     # per rule, the decay group first (as before rules existed).
