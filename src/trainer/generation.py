@@ -184,8 +184,23 @@ def sample_hf(
     before calling this; here the ids are taken as given.
     """
     device = next(model.parameters()).device
-    if seed is not None:
-        torch.manual_seed(seed)  # HF samples from torch's global generator
+    # HF samples from torch's global generator: seeded inside a fork, so sampling at a
+    # validation leaves the training run's RNG (dropout masks) where it was.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if seed is not None:
+            torch.manual_seed(seed)
+        return _hf_generate(model, prompt_ids, device, max_new_tokens, temperature, top_k, eos_id)
+
+
+def _hf_generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    device: torch.device,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    eos_id: int | None,
+) -> Generated:
     sampling = {"do_sample": False}
     if temperature > 0:
         sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k or 0}

@@ -69,6 +69,11 @@ class LanguageModelingTask(Task):
 
     def setup(self, model: nn.Module, device: torch.device, tokenizer: Any = None) -> None:
         self.tokenizer = tokenizer
+        if self.sample_prompt and tokenizer is not None:
+            from trainer.generation import encode_prompt
+
+            # A prompt the vocabulary cannot encode fails now, not at the first validation.
+            encode_prompt(tokenizer, self.sample_prompt, getattr(model, "block_size", None))
 
     def check_batch(self, batch: Any) -> None:
         if not isinstance(batch, dict) or any(k not in batch for k in REQUIRED_KEYS):
