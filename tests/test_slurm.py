@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,12 @@ on_cluster = pytest.mark.usefixtures("slurm")
 
 TRAIN = str(REPO / "train.py")
 LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug"]
-# 500 optimizer steps of an MLP with dropout, within the first epoch: no epoch-end or
-# periodic checkpoint, so a checkpoint mid-run can only come from a signal.
+# 200 optimizer steps of an MLP with dropout, within the first epoch (214 steps): no
+# epoch-end or periodic checkpoint, so a checkpoint mid-run can only come from a signal.
 TRAINING = [
     "model.hidden_sizes=[32]",
     "model.dropout=0.2",
-    "trainer.max_steps=500",
+    "trainer.max_steps=200",
     "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=25",
     "trainer.deterministic=true",
@@ -44,7 +45,9 @@ TRAINING = [
 # Slows each training step down (sleep in the loss, same numbers), so that a signal
 # finds the job training.
 SLOW = ["loss._target_=trainer.testing.FaultInjectingLoss"]
-QUEUE_TIMEOUT_S = 300
+QUEUE_TIMEOUT_S = 600
+# submitit's folder per job: `<id>`, or `<array id>_<task>` for the jobs of a sweep.
+JOB_ID = re.compile(r"\d+(_\d+)?")
 
 
 def slurm_unavailable() -> str | None:
@@ -68,17 +71,33 @@ def slurm() -> None:
     require_data()
 
 
-def start_sweep(sweep_dir: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.Popen(
-        [sys.executable, TRAIN, "-m", *LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}"],
-        cwd=sweep_dir.parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+@pytest.fixture
+def start_sweep() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Starts `train.py -m` on the cluster; a sweep left running is ended, its jobs cancelled."""
+    started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(sweep_dir: Path, *args: str) -> subprocess.Popen:
+        env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR)}
+        env.pop("HYDRA_FULL_ERROR", None)
+        proc = subprocess.Popen(
+            [sys.executable, TRAIN, "-m", *LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}"],
+            cwd=sweep_dir.parent,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        started.append((proc, sweep_dir))
+        return proc
+
+    yield start
+    for proc, sweep_dir in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+        ids = [p.name for p in (sweep_dir / ".submitit").glob("*") if JOB_ID.fullmatch(p.name)]
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 def finish(proc: subprocess.Popen, timeout: float = QUEUE_TIMEOUT_S) -> tuple[str, str]:
@@ -104,8 +123,8 @@ def slurm_job_ids(sweep_dir: Path, count: int) -> list[str]:
     """The SLURM ids of the sweep's jobs in job order (`<array>_<task>`, task = job)."""
 
     def ids() -> list[str]:
-        folders = [p.name for p in (sweep_dir / ".submitit").glob("*_*") if p.is_dir()]
-        return sorted(folders, key=lambda name: int(name.split("_")[1]))
+        folders = [p.name for p in (sweep_dir / ".submitit").glob("*") if JOB_ID.fullmatch(p.name)]
+        return sorted(folders, key=lambda name: int(name.rpartition("_")[2]))
 
     wait_for(f"{count} SLURM jobs", lambda: len(ids()) >= count)
     return ids()
@@ -128,7 +147,7 @@ def results(folder: Path) -> dict:
 def assert_same_weights(expected: Path, actual: Path) -> None:
     a = load_checkpoint(expected / "checkpoints" / "last.pt")
     b = load_checkpoint(actual / "checkpoints" / "last.pt")
-    assert a["global_step"] == b["global_step"] == 500
+    assert a["global_step"] == b["global_step"] == 200
     assert a["model"].keys() == b["model"].keys()
     for key, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][key]), key
@@ -147,7 +166,9 @@ def straight(slurm: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.slurm
 @pytest.mark.slow
 @on_cluster
-def test_two_job_sweep_writes_folders_results_tensorboard_and_report(tmp_path: Path) -> None:
+def test_two_job_sweep_writes_folders_results_tensorboard_and_report(
+    tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
+) -> None:
     sweep_dir = tmp_path / "sweep"
     # The README's SLURM line, on this cluster's partition and with a short run.
     proc = start_sweep(
@@ -179,7 +200,7 @@ def test_two_job_sweep_writes_folders_results_tensorboard_and_report(tmp_path: P
 @pytest.mark.slow
 @on_cluster
 def test_requeue_of_a_running_job_checkpoints_exits_75_and_resumes_exactly(
-    straight: Path, tmp_path: Path
+    straight: Path, tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
 ) -> None:
     sweep_dir = tmp_path / "sweep"
     proc = start_sweep(
@@ -190,7 +211,7 @@ def test_requeue_of_a_running_job_checkpoints_exits_75_and_resumes_exactly(
         "resume=auto",
         *TRAINING,
         *SLOW,
-        "+loss.sleep_s=0.03",
+        "+loss.sleep_s=0.05",
     )
     (job_id,) = slurm_job_ids(sweep_dir, 1)
     folder = wait_for("training", lambda: next(iter(sweep_dir.glob("*/train.log")), None)).parent
@@ -210,22 +231,23 @@ def test_requeue_of_a_running_job_checkpoints_exits_75_and_resumes_exactly(
 @pytest.mark.slow
 @on_cluster
 def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exactly(
-    straight: Path, tmp_path: Path
+    straight: Path, tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
 ) -> None:
     sweep_dir = tmp_path / "sweep"
     # SLURM's shortest limit, 1 minute; submitit asks for SIGUSR2 10 s before it (SLURM
-    # sends it when it next checks the limits, 20-50 s into the job). 500 steps of 0.1 s
-    # outlast it: the trainer saves on SIGUSR2, then submitit requeues the job.
+    # sends it when it next checks the limits, 20-50 s into the job). 200 steps of 0.25 s
+    # outlast it: the trainer saves on SIGUSR2, then submitit requeues the job (again,
+    # if the rest outlasts the next minute).
     proc = start_sweep(
         sweep_dir,
         "hydra.launcher.timeout_min=1",
         "hydra.launcher.signal_delay_s=10",
-        "hydra.launcher.max_num_timeout=3",
+        "hydra.launcher.max_num_timeout=10",
         "run_id=timed_out",
         "resume=auto",
         *TRAINING,
         *SLOW,
-        "+loss.sleep_s=0.1",
+        "+loss.sleep_s=0.25",
     )
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
@@ -243,7 +265,9 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
 @pytest.mark.slurm
 @pytest.mark.slow
 @on_cluster
-def test_cancelled_job_fails_in_one_line_and_the_other_completes(tmp_path: Path) -> None:
+def test_cancelled_job_fails_in_one_line_and_the_other_completes(
+    tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
+) -> None:
     sweep_dir = tmp_path / "sweep"
     proc = start_sweep(
         sweep_dir,
@@ -274,7 +298,9 @@ def test_cancelled_job_fails_in_one_line_and_the_other_completes(tmp_path: Path)
 @pytest.mark.slurm
 @pytest.mark.slow
 @on_cluster
-def test_two_devices_inside_one_slurm_task(tmp_path: Path) -> None:
+def test_two_devices_inside_one_slurm_task(
+    tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
+) -> None:
     sweep_dir = tmp_path / "sweep"
     proc = start_sweep(
         sweep_dir,
