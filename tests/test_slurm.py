@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -80,7 +81,7 @@ def start_sweep() -> Iterator[Callable[..., subprocess.Popen]]:
         env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR)}
         env.pop("HYDRA_FULL_ERROR", None)
         proc = subprocess.Popen(
-            [sys.executable, TRAIN, "-m", *LAUNCHER, *args, f"hydra.sweep.dir={sweep_dir}"],
+            [sys.executable, TRAIN, "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
             cwd=sweep_dir.parent,
             env=env,
             stdout=subprocess.PIPE,
@@ -98,6 +99,20 @@ def start_sweep() -> Iterator[Callable[..., subprocess.Popen]]:
         ids = [p.name for p in (sweep_dir / ".submitit").glob("*") if JOB_ID.fullmatch(p.name)]
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+def readme_sweep(run_id_or_option: str) -> list[str]:
+    """The overrides of the README's SLURM line that holds this option (a test runs each)."""
+    from tests.test_readme import readme_commands
+
+    (line,) = [
+        c
+        for c in readme_commands()
+        if c.startswith(f"python train.py -m {' '.join(LAUNCHER)}")
+        and run_id_or_option in shlex.split(c)
+    ]
+    args = shlex.split(line)
+    return args[args.index("-m") + 1 :]
 
 
 def finish(proc: subprocess.Popen, timeout: float = QUEUE_TIMEOUT_S) -> tuple[str, str]:
@@ -170,15 +185,8 @@ def test_two_job_sweep_writes_folders_results_tensorboard_and_report(
     tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
 ) -> None:
     sweep_dir = tmp_path / "sweep"
-    # The README's SLURM line, on this cluster's partition and with a short run.
-    proc = start_sweep(
-        sweep_dir,
-        "hydra.launcher.timeout_min=10",
-        "trainer=debug",
-        "model.hidden_sizes=[32]",
-        "trainer.progress_bar=false",
-        "optimizer.lr=1e-3,3e-3",
-    )
+    # The README's SLURM line (a short run on this cluster's partition).
+    proc = start_sweep(sweep_dir, *readme_sweep("trainer=debug"), "trainer.progress_bar=false")
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
     folders = sorted(p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir())
@@ -205,10 +213,7 @@ def test_requeue_of_a_running_job_checkpoints_exits_75_and_resumes_exactly(
     sweep_dir = tmp_path / "sweep"
     proc = start_sweep(
         sweep_dir,
-        "hydra.launcher.timeout_min=10",
-        "+hydra.launcher.additional_parameters.requeue=true",
-        "run_id=preempted",
-        "resume=auto",
+        *readme_sweep("run_id=preempted"),
         *TRAINING,
         *SLOW,
         "+loss.sleep_s=0.05",
@@ -240,11 +245,7 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
     # if the rest outlasts the next minute).
     proc = start_sweep(
         sweep_dir,
-        "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=10",
-        "hydra.launcher.max_num_timeout=10",
-        "run_id=timed_out",
-        "resume=auto",
+        *readme_sweep("run_id=timed_out"),
         *TRAINING,
         *SLOW,
         "+loss.sleep_s=0.25",
@@ -271,6 +272,7 @@ def test_cancelled_job_fails_in_one_line_and_the_other_completes(
     sweep_dir = tmp_path / "sweep"
     proc = start_sweep(
         sweep_dir,
+        *LAUNCHER,
         "hydra.launcher.timeout_min=10",
         "trainer=debug",
         "model.hidden_sizes=[32]",
@@ -304,6 +306,7 @@ def test_two_devices_inside_one_slurm_task(
     sweep_dir = tmp_path / "sweep"
     proc = start_sweep(
         sweep_dir,
+        *LAUNCHER,
         "hydra.launcher.timeout_min=10",
         "hydra.launcher.tasks_per_node=1",
         "trainer=debug",
