@@ -72,11 +72,16 @@ class PreemptionHandler:
         chained = previous_handlers.get(self._signum) if self.agreed else None
         if callable(chained):
             # The run stopped for this signal with its checkpoint saved: now the handler
-            # we replaced may act (submitit's requeues the job, then exits).
+            # we replaced may act (submitit's requeues the job, then exits). A requeue makes
+            # SLURM send SIGTERM to every process of the job, the `scontrol requeue` it runs
+            # too: ignored meanwhile (child processes inherit that), so the request completes.
+            term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
             try:
                 chained(self._signum, None)
             except SystemExit:
                 pass  # the run's own exit (EXIT_PREEMPTED) follows
+            finally:
+                signal.signal(signal.SIGTERM, term)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name

@@ -82,6 +82,7 @@ def quiet_submitit_logging() -> None:
 def use_trainer_launcher(config: DictConfig) -> None:
     """Point the sweep's `hydra.launcher` at our launcher (called before Hydra builds it)."""
     from hydra.core.plugins import Plugins
+
     from hydra_plugins.trainer_slurm_launcher.slurm_launcher import TARGET, SlurmLauncher
 
     # Hydra's plugin scan misses hydra_plugins packages of editable installs.
@@ -107,15 +108,24 @@ def accounting_error() -> str | None:
     return lines[-1] if lines else f"sacct exited with code {proc.returncode}"
 
 
-def squeue_states(job_ids: Sequence[str]) -> dict[str, str]:
-    """State of each job (`<array id>_<task>` or `<id>`) that squeue still knows."""
+def squeue_states(job_ids: Sequence[str]) -> dict[str, str] | None:
+    """State of each job (`<array id>_<task>` or `<id>`) that squeue still knows; None
+    when squeue cannot answer now (the controller restarting, a timeout)."""
     array_ids = sorted({job_id.split("_")[0] for job_id in job_ids})
-    proc = subprocess.run(
-        ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(array_ids)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    try:
+        proc = subprocess.run(
+            ["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(array_ids)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("squeue failed (%s); asking again", e)
+        return None
+    # squeue fails with "Invalid job id" when it knows none of them (all ended long ago).
+    if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+        log.warning("squeue failed (%s); asking again", proc.stderr.strip())
+        return None
     states = {}
     for line in proc.stdout.splitlines():
         job_id, _, state = line.strip().partition("|")
@@ -173,7 +183,9 @@ def _result(
         try:
             return job.results()[0]
         except submitit.core.utils.UncompletedJobError as e:
-            error = JobEnded(f"SLURM job {job.job_id} failed: {str(e).strip().splitlines()[0]}")
+            # submitit's message ends with the job's own error line, after its traceback.
+            lines = [x for x in str(e).strip().splitlines() if x.strip()] or ["no error text"]
+            error = JobEnded(f"SLURM job {job.job_id} failed: {lines[-1].strip()}")
     else:
         error = JobEnded(
             f"SLURM job {job.job_id} ended {state or 'without a result'} before finishing "
@@ -197,8 +209,8 @@ def _failed(launcher: Any, overrides: list[str], idx: int, error: Exception) -> 
 
 
 def wait_for_jobs(jobs: Sequence[Any]) -> list[str | None]:
-    """Wait until every job has a result or has ended; returns squeue's last state of each
-    job that ended without one (None where submitit's own state was used)."""
+    """Wait until every job has a result or has ended; returns the last state of each job
+    (from squeue or sacct), None for jobs that left a result."""
     error = accounting_error()
     if error:
         log.warning(
@@ -214,7 +226,10 @@ def wait_for_jobs(jobs: Sequence[Any]) -> list[str | None]:
                 del pending[i]
             elif not error:
                 if job.done():
+                    ended[i] = job.state  # from sacct
                     del pending[i]
+            elif states is None:
+                continue
             elif states.get(job.job_id) in ENDED_STATES or job.job_id not in states:
                 # Ended (or forgotten by squeue): give its result file a moment to show.
                 since = gone.setdefault(i, time.time())
