@@ -347,3 +347,29 @@ def test_submitit_signal_sets_the_flag_and_its_handler_runs_after_the_save() -> 
         assert calls == [signum]
     finally:
         signal.signal(signum, previous)
+
+
+def test_submitit_sacct_error_is_shown_once_per_process() -> None:
+    import logging
+
+    from trainer.slurm import quiet_submitit_logging
+
+    logger = logging.getLogger("submitit")
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        quiet_submitit_logging()
+        quiet_submitit_logging()  # a second sweep in the process adds no second filter
+        for call in (1, 2, 3):
+            logger.warning(f"Call #{call} - Bypassing sacct error (exit 1), status may be wrong.")
+            logger.warning(f"job {call} is running")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == [
+        "Call #1 - Bypassing sacct error (exit 1), status may be wrong.",
+        "job 1 is running",
+        "job 2 is running",
+        "job 3 is running",
+    ]
