@@ -239,16 +239,17 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
     straight: Path, tmp_path: Path, start_sweep: Callable[..., subprocess.Popen]
 ) -> None:
     sweep_dir = tmp_path / "sweep"
-    # SLURM's shortest limit, 1 minute; submitit asks for SIGUSR2 10 s before it (SLURM
-    # sends it when it next checks the limits, 20-50 s into the job). 200 steps of 0.25 s
-    # outlast it: the trainer saves on SIGUSR2, then submitit requeues the job (again,
-    # if the rest outlasts the next minute).
+    # SLURM's shortest limit, 1 minute; submitit asks for SIGUSR2 10 s before it. SLURM
+    # sends it when it next checks the limits (once a minute here), 20-80 s into the job.
+    # The first run, 200 steps of 0.5 s, outlasts that: the trainer saves on SIGUSR2, then
+    # submitit requeues the job, whose next run trains at full speed.
     proc = start_sweep(
         sweep_dir,
         *readme_sweep("run_id=timed_out"),
         *TRAINING,
         *SLOW,
-        "+loss.sleep_s=0.25",
+        "+loss.sleep_s=0.5",
+        "+loss.sleep_in_first_run_only=true",
     )
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
