@@ -196,9 +196,12 @@ def test_two_job_sweep_writes_folders_results_tensorboard_and_report(
         assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
     # Each ran as a task of one SLURM array job.
     assert len(slurm_job_ids(sweep_dir, 2)) == 2
-    # Accounting is off here: said once, not three times per poll.
-    assert (out + err).count("SLURM accounting is off") == 1
-    assert "Bypassing sacct error" not in out + err
+    # Without accounting (as on the test cluster): said once, not three times per poll.
+    from trainer.slurm import accounting_error
+
+    if accounting_error():
+        assert (out + err).count("SLURM accounting is off") == 1
+        assert "Bypassing sacct error" not in out + err
     report = run_cli([str(REPO / "scripts" / "sweep_report.py"), str(sweep_dir)], cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     assert "optimizer.lr=0.003" in report.stdout and (sweep_dir / "sweep_report.csv").is_file()
