@@ -32,10 +32,11 @@ on_cluster = pytest.mark.usefixtures("slurm")
 
 TRAIN = str(REPO / "train.py")
 LAUNCHER = ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=debug"]
-# 200 optimizer steps of an MLP with dropout, within the first epoch (214 steps): no
+# 200 optimizer steps of an MLP with dropout, within the first epoch (859 steps): no
 # epoch-end or periodic checkpoint, so a checkpoint mid-run can only come from a signal.
 TRAINING = [
     "model.hidden_sizes=[32]",
+    "data.batch_size=64",
     "model.dropout=0.2",
     "trainer.max_steps=200",
     "trainer.limit_val_batches=2",
