@@ -246,7 +246,7 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
     # SLURM's shortest limit, 1 minute; submitit asks for SIGUSR2 10 s before it. SLURM
     # sends it when it next checks the limits (once a minute here), 20-80 s into the job.
     # The first run, 200 steps of 0.5 s, outlasts that: the trainer saves on SIGUSR2, then
-    # submitit requeues the job, whose next run trains at full speed.
+    # submitit requeues the job, whose next run trains at full speed to the end.
     proc = start_sweep(
         sweep_dir,
         *readme_sweep("run_id=timed_out"),
@@ -255,6 +255,11 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
         "+loss.sleep_s=0.5",
         "+loss.sleep_in_first_run_only=true",
     )
+    (job_id,) = slurm_job_ids(sweep_dir, 1)
+    job_log = sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.err"
+    wait_for("the requeue", lambda: job_log.is_file() and "Requeued job" in job_log.read_text(), 300)
+    # Its next run may take longer than a minute on a busy machine: give it 10 (as root).
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
     folder = the_job(sweep_dir)
