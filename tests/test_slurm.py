@@ -257,7 +257,8 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
     )
     (job_id,) = slurm_job_ids(sweep_dir, 1)
     job_log = sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.err"
-    wait_for("the requeue", lambda: job_log.is_file() and "Requeued job" in job_log.read_text(), 300)
+    requeued = lambda: job_log.is_file() and "Requeued job" in job_log.read_text()  # noqa: E731
+    wait_for("the requeue", requeued, 300)
     # Its next run may take longer than a minute on a busy machine: give it 10 (as root).
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
     out, err = finish(proc)
