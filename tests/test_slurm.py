@@ -146,6 +146,12 @@ def slurm_job_ids(sweep_dir: Path, count: int) -> list[str]:
     return ids()
 
 
+def job_info(job_id: str) -> str:
+    return subprocess.run(
+        ["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30
+    ).stdout
+
+
 def training_started(folder: Path) -> bool:
     log = folder / "train.log"
     return log.is_file() and "training MLP" in log.read_text()
@@ -259,7 +265,9 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
     job_log = sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.err"
     requeued = lambda: job_log.is_file() and "Requeued job" in job_log.read_text()  # noqa: E731
     wait_for("the requeue", requeued, 300)
-    # Its next run may take longer than a minute on a busy machine: give it 10 (as root).
+    # Its next run may take longer than a minute on a busy machine: give it 10 (as root),
+    # once it runs (a requeue puts back the limit it was submitted with).
+    wait_for("the next run", lambda: "JobState=RUNNING" in job_info(job_id), 300)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
