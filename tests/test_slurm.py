@@ -146,10 +146,14 @@ def slurm_job_ids(sweep_dir: Path, count: int) -> list[str]:
     return ids()
 
 
-def job_info(job_id: str) -> str:
-    return subprocess.run(
+def running_since(job_id: str) -> str | None:
+    """The start time of the job's current run, None while it is not running."""
+    info = subprocess.run(
         ["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30
-    ).stdout
+    ).stdout.split()
+    if "JobState=RUNNING" not in info:
+        return None
+    return next(x for x in info if x.startswith("StartTime="))
 
 
 def training_started(folder: Path) -> bool:
@@ -262,12 +266,10 @@ def test_time_limit_signal_checkpoints_then_the_job_is_requeued_and_resumes_exac
         "+loss.sleep_in_first_run_only=true",
     )
     (job_id,) = slurm_job_ids(sweep_dir, 1)
-    job_log = sweep_dir / ".submitit" / job_id / f"{job_id}_0_log.err"
-    requeued = lambda: job_log.is_file() and "Requeued job" in job_log.read_text()  # noqa: E731
-    wait_for("the requeue", requeued, 300)
+    first_start = wait_for("the job to start", lambda: running_since(job_id), 300)
     # Its next run may take longer than a minute on a busy machine: give it 10 (as root),
-    # once it runs (a requeue puts back the limit it was submitted with).
-    wait_for("the next run", lambda: "JobState=RUNNING" in job_info(job_id), 300)
+    # once it runs (a requeue puts back the limit the job was submitted with).
+    wait_for("the next run", lambda: running_since(job_id) not in (None, first_start), 300)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=10"], check=True)
     out, err = finish(proc)
     assert proc.returncode == 0, err[-3000:]
