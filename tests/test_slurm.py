@@ -140,9 +140,11 @@ def slurm_job_ids(sweep_dir: Path, count: int) -> list[str]:
 
     def ids() -> list[str]:
         folders = [p.name for p in (sweep_dir / ".submitit").glob("*") if JOB_ID.fullmatch(p.name)]
-        return sorted(folders, key=lambda name: int(name.rpartition("_")[2]))
+        # An array also gets a folder of its own id, next to its tasks' `<id>_<task>`.
+        tasks = [name for name in folders if "_" in name] or folders
+        return sorted(tasks, key=lambda name: int(name.rpartition("_")[2]))
 
-    wait_for(f"{count} SLURM jobs", lambda: len(ids()) >= count)
+    wait_for(f"{count} SLURM jobs", lambda: len(ids()) == count)
     return ids()
 
 
