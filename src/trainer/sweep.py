@@ -120,7 +120,7 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A continued sweep reuses its folder: only this invocation's failures count.
         self._started = time.time() - 1.0
-        if str(config.hydra.launcher.get("_target_")) == PLUGIN_SLURM_LAUNCHER:
+        if OmegaConf.select(config, "hydra.launcher._target_") == PLUGIN_SLURM_LAUNCHER:
             from trainer.slurm import use_trainer_launcher
 
             use_trainer_launcher(config)
