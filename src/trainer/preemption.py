@@ -1,10 +1,15 @@
-"""Preemption: SIGTERM/SIGUSR1 ask the trainer to save and exit for requeue.
+"""Preemption: SIGTERM/SIGUSR1/SIGUSR2 ask the trainer to save and exit for requeue.
 
 Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM, or SIGUSR1 with
-`sbatch --signal=USR1@<seconds>`, some time before they kill a job. The first
-signal only raises a flag: the trainer checks it once per optimizer step,
-saves a checkpoint at that step boundary and exits with EXIT_PREEMPTED. A
-second signal means "now": the default action runs and the process dies.
+`sbatch --signal=USR1@<seconds>`, some time before they kill a job; submitit
+(the SLURM launcher) asks for SIGUSR2 `signal_delay_s` before the time limit.
+The first signal only raises a flag: the trainer checks it once per optimizer
+step, saves a checkpoint at that step boundary and exits with EXIT_PREEMPTED.
+A second signal means "now": the default action runs and the process dies.
+
+A handler that was installed before ours (submitit's, which requeues the job on
+SIGUSR2) is called once the checkpoint is saved, so the job is requeued with
+its newest state on disk (docs/slurm.md).
 """
 
 from __future__ import annotations
@@ -20,11 +25,13 @@ log = logging.getLogger(__name__)
 
 # sysexits.h EX_TEMPFAIL, "temporary failure, retry later": requeue scripts test for it.
 EXIT_PREEMPTED = 75
-SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2") if hasattr(signal, name)
+)
 
 
 class PreemptionHandler:
-    """While active, the first SIGTERM/SIGUSR1 sets `requested`; the second one kills."""
+    """While active, the first SIGTERM/SIGUSR1/SIGUSR2 sets `requested`; the second one kills."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -32,6 +39,7 @@ class PreemptionHandler:
         # Set once every process knows of the request: from then on, the run stops.
         self.agreed = False
         self._previous: dict[int, Any] = {}
+        self._signum: int | None = None
 
     def agree(self, dist: Any, device: Any, exchange: bool) -> bool:
         """Whether to stop now. All ranks of a torch.distributed run must stop at the same
@@ -57,9 +65,23 @@ class PreemptionHandler:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
+        previous_handlers = dict(self._previous)
+        for signum, previous in previous_handlers.items():
             signal.signal(signum, previous)
         self._previous.clear()
+        chained = previous_handlers.get(self._signum) if self.agreed else None
+        if callable(chained):
+            # The run stopped for this signal with its checkpoint saved: now the handler
+            # we replaced may act (submitit's requeues the job, then exits). A requeue makes
+            # SLURM send SIGTERM to every process of the job, the `scontrol requeue` it runs
+            # too: ignored meanwhile (child processes inherit that), so the request completes.
+            term = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                chained(self._signum, None)
+            except SystemExit:
+                pass  # the run's own exit (EXIT_PREEMPTED) follows
+            finally:
+                signal.signal(signal.SIGTERM, term)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
@@ -69,7 +91,7 @@ class PreemptionHandler:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        self.requested, self.signal_name = True, name
+        self.requested, self.signal_name, self._signum = True, name, signum
         log.warning(
             "%s received: finishing the current step, saving a checkpoint, then exiting "
             "with code %d (send it again to exit at once)",

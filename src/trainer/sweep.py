@@ -40,6 +40,8 @@ ERROR_FILE = "error.txt"
 RESULTS_FILE = "results.json"
 # Longer folder names are cut and given a hash: file systems allow 255 bytes.
 MAX_DIRNAME = 150
+# hydra/launcher=submitit_slurm: run by trainer.slurm.SlurmLauncher instead (see there).
+PLUGIN_SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 _UNSAFE = re.compile(r"[^A-Za-z0-9=,.+\-_\[\]~@]")
 # Optuna suggests floats like 0.0019960425587510337: four significant digits name them.
 _LONG_FLOAT = re.compile(r"(?<![\w.])\d+\.\d{5,}(?:e-?\d+)?")
@@ -118,6 +120,10 @@ class SweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A continued sweep reuses its folder: only this invocation's failures count.
         self._started = time.time() - 1.0
+        if OmegaConf.select(config, "hydra.launcher._target_") == PLUGIN_SLURM_LAUNCHER:
+            from trainer.slurm import use_trainer_launcher
+
+            use_trainer_launcher(config)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_multirun(config):

@@ -46,6 +46,7 @@ class FaultInjectingLoss(nn.Module):
         signal_count: int = 1,
         signal_name: str = "SIGTERM",
         sleep_s: float = 0.0,
+        sleep_in_first_run_only: bool = False,
         label_smoothing: float = 0.0,
         nan_on_ranks: Sequence[int] | None = None,
     ) -> None:
@@ -59,6 +60,10 @@ class FaultInjectingLoss(nn.Module):
         self.nonfinite_value = nonfinite_value
         self.kill_at_batch, self.signal_at_batch = kill_at_batch, signal_at_batch
         self.signal_count, self.sleep_s = signal_count, sleep_s
+        # A SLURM job that outlasts its time limit once, then finishes when requeued
+        # (SLURM_RESTART_COUNT counts the requeues).
+        if sleep_in_first_run_only and int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0:
+            self.sleep_s = 0.0
         self.signal = signal.Signals[signal_name]
         self.batches = 0
 
