@@ -226,12 +226,15 @@ def _train(
             # Everything up to the checkpoint's step was logged (and flushed) before it
             # was written; TensorBoard hides the crashed run's points after it.
             logger.purge_step = state.get("logger", {}).get("global_step", trainer.global_step) + 1
+    # A mixture of experts runs only some of its parameters per token: say how many.
+    active = model.num_params(active=True) if hasattr(model, "num_params") else None
     log.info(
-        "training %s on %s: %d parameters (%d trainable), %d steps/epoch, up to %s steps",
+        "training %s on %s: %d parameters (%d trainable%s), %d steps/epoch, up to %s steps",
         type(model).__name__,
         device,
         sum(p.numel() for p in model.parameters()),
         trainable_params,
+        f", {active} active per token" if active is not None else "",
         steps_per_epoch,
         int(max_steps),
     )

@@ -1,0 +1,110 @@
+"""Quality and time of the tiny-Shakespeare recipes, as nanoGPT reports them.
+
+Runs `python train.py experiment=<name>` for each name given, reads the run's
+TensorBoard events and prints one markdown row each: the final val loss, when
+val loss first reached --target (from the launch), total wall time, training
+tokens/s, total and active parameters, and for a mixture of experts the
+largest over smallest expert share of tokens at the end (1.0 is uniform).
+
+    python scripts/bench_nanogpt.py shakespeare_char_cpu shakespeare_char_moe
+    python scripts/bench_nanogpt.py shakespeare_char_cpu trainer.max_steps=500   # shortened
+
+Reference (issue 13): nanoGPT's own train.py, same recipe, torch 2.13 CPU, this
+2-core machine: 76.6 s from command to exit, val loss 1.886 at step 2000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_recipe(experiment: str, overrides: list[str], target: float) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        launched = time.time()
+        subprocess.run(
+            [sys.executable, str(REPO / "train.py"), f"experiment={experiment}",
+             f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        wall = time.time() - launched
+        events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+        events.Reload()
+        val = events.Scalars("val/loss")
+        reached = next((e for e in val if e.value <= target), None)
+        rates = [e.value for e in events.Scalars("train/tokens_per_s")]
+        shares = {}
+        for tag in events.Tags()["scalars"]:
+            if tag.startswith("train/moe/"):
+                shares[tag] = events.Scalars(tag)[-1].value
+        results = json.loads((run_dir / "results.json").read_text())
+        log = (run_dir / "train.log").read_text()
+    params = next((line for line in log.splitlines() if "parameters (" in line), "")
+    return {
+        "experiment": experiment,
+        "val_loss": val[-1].value,
+        "steps": results["steps"],
+        "reached": f"{reached.wall_time - launched:.1f} s (step {reached.step})"
+        if reached
+        else "not reached",
+        "wall": wall,
+        # The first interval includes start-up work: the median of the rest.
+        "tokens_per_s": sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2],
+        "params": params.split(": ", 1)[-1].split(",")[0] if params else "?",
+        "expert_spread": _spread(shares),
+    }
+
+
+def _spread(shares: dict[str, float]) -> str:
+    """Largest over smallest expert share within a layer, worst layer."""
+    if not shares:
+        return "-"
+    layers: dict[str, list[float]] = {}
+    for tag, share in shares.items():
+        layers.setdefault(tag.rsplit("/", 1)[0], []).append(share)
+    return f"{max(max(s) / max(min(s), 1e-9) for s in layers.values()):.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("experiments", nargs="+", help="experiment names, then overrides (k=v)")
+    parser.add_argument("--target", type=float, default=1.88)
+    args = parser.parse_args()
+    names = [a for a in args.experiments if "=" not in a]
+    overrides = [a for a in args.experiments if "=" in a]
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    print(
+        f"{datetime.date.today()}, commit {commit}, {platform.machine()} "
+        f"{platform.processor() or ''}, overrides: {' '.join(overrides) or 'none'}"
+    )
+    print(
+        f"| experiment | steps | val loss | val loss <= {args.target} | wall (s) | tokens/s "
+        "| parameters | expert max/min share |"
+    )
+    print("|---|---:|---:|---|---:|---:|---|---:|")
+    for name in names:
+        row = run_recipe(name, overrides, args.target)
+        print(
+            f"| {row['experiment']} | {row['steps']} | {row['val_loss']:.4f} | {row['reached']} "
+            f"| {row['wall']:.1f} | {row['tokens_per_s']:.0f} | {row['params']} "
+            f"| {row['expert_spread']} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
