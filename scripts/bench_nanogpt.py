@@ -19,6 +19,7 @@ import argparse
 import datetime
 import json
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -62,9 +63,18 @@ def run_recipe(experiment: str, overrides: list[str], target: float) -> dict:
         "wall": wall,
         # The first interval includes start-up work: the median of the rest.
         "tokens_per_s": sorted(rates[1:] or rates)[len(rates[1:] or rates) // 2],
-        "params": params.split(": ", 1)[-1].split(",")[0] if params else "?",
+        "params": _params(params),
         "expert_spread": _spread(shares),
     }
+
+
+def _params(log_line: str) -> str:
+    """'N total, M active' from the run log's 'training ...' line."""
+    total = re.search(r"(\d+) parameters", log_line)
+    active = re.search(r"(\d+) active per token", log_line)
+    if total is None:
+        return "?"
+    return f"{int(total.group(1)):,}" + (f" ({int(active.group(1)):,} active)" if active else "")
 
 
 def _spread(shares: dict[str, float]) -> str:
