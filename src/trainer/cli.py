@@ -160,7 +160,8 @@ def _user_environment() -> Iterator[None]:
     except Preempted as e:
         # Ends the process, which a multirun does not catch: a preempted sweep stops
         # at the job it was in, to be resumed as a whole.
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line: rank 0's
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_PREEMPTED) from None
     except Exception as e:
         message = None if _user_full_error == "1" else describe_user_error(e)

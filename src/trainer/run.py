@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import ConfigError, UserError
+from trainer.errors import ConfigError, Preempted, UserError
 from trainer.resume import CheckpointFiles, finished_results, resume_state
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ def train(
         init_process_group,
         launched_by_torchrun,
     )
-    from trainer.preemption import PreemptionHandler
+    from trainer.preemption import PreemptionHandler, clear_preempted_mark, mark_preempted
     from trainer.validation import validate_train_config
 
     started = started or time.time()
@@ -80,12 +80,18 @@ def train(
         ctx = init_process_group(device.type, cfg.trainer.dist_timeout_s)
         if device.type == "cuda":
             device = torch.device("cuda", ctx.local_rank)
-        if not ctx.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
+        if not ctx.is_main:  # one line per event: rank 0's (the others log only errors)
+            logging.getLogger().setLevel(logging.ERROR)
+    if ctx.is_main:
+        clear_preempted_mark(output_dir)
     try:
         # Installed before the slow setup, so a signal at any point ends in a checkpoint.
         with PreemptionHandler() as preemption:
             return _train(cfg, ctx, device, started, job, preemption)
+    except Preempted as e:
+        if ctx.is_main:  # for requeue scripts where the exit code is not ours (torchrun)
+            mark_preempted(output_dir, str(e))
+        raise
     except torch.distributed.DistBackendError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(
@@ -282,7 +288,9 @@ def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> fl
     results_file = output_dir / "results.json"
     results_file.unlink(missing_ok=True)
     log.info("spawning %d workers (%s)", devices, "nccl" if device.type == "cuda" else "gloo")
-    spawn(_worker, devices, args=(container, started, _job_log_file(), job))
+    preempted = spawn(_worker, devices, args=(container, started, _job_log_file(), job))
+    if preempted is not None:  # the workers saved; the launcher exits for requeue
+        raise Preempted(preempted)
     return optimized_value(cfg, json.loads(results_file.read_text())["metrics"])
 
 
