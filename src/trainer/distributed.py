@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -73,6 +74,28 @@ def init_process_group(device_type: str, timeout_s: float) -> DistContext:
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     return ctx
+
+
+# What gloo and NCCL say when a peer process died or closed its connections.
+_LOST_PEER = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "gloo",
+    "NCCL",
+)
+_SOURCE_PREFIX = re.compile(r"^\[[^\]]*\]\s*")  # gloo's "[.../pair.cc:537] "
+
+
+def peer_error_line(error: BaseException) -> str:
+    """The first line of a lost-peer error, without gloo's source location."""
+    text = str(error).strip()
+    return _SOURCE_PREFIX.sub("", text.splitlines()[0]) if text else type(error).__name__
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether a collective failed because another rank is gone (not a bug here)."""
+    return isinstance(error, dist.DistBackendError) or any(s in str(error) for s in _LOST_PEER)
 
 
 def destroy_process_group() -> None:

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,8 @@ def train(
         destroy_process_group,
         init_process_group,
         launched_by_torchrun,
+        lost_peer,
+        peer_error_line,
     )
     from trainer.preemption import PreemptionHandler, clear_preempted_mark, mark_preempted
     from trainer.validation import validate_train_config
@@ -92,11 +95,15 @@ def train(
         if ctx.is_main:  # for requeue scripts where the exit code is not ours (torchrun)
             mark_preempted(output_dir, str(e))
         raise
-    except torch.distributed.DistBackendError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except RuntimeError as e:
+        if not (ctx.enabled and lost_peer(e)):
+            raise
+        if launched_by_torchrun():
+            # torchrun stops the surviving ranks with SIGTERM: the error line comes first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise UserError(
             f"rank {ctx.rank} lost its process group (a peer died or stopped answering within "
-            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): {first_line}"
+            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): {peer_error_line(e)}"
         ) from None
     finally:
         destroy_process_group()
