@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError, Preempted, UserError
-from trainer.resume import CheckpointFiles, finished_results, resume_state
+from trainer.resume import CheckpointFiles, check_run_dir_free, finished_results, resume_state
 
 if TYPE_CHECKING:
     from trainer.pruning import PruningTarget
@@ -37,12 +37,15 @@ class HydraJob:
     overrides: tuple[str, ...] = ()
     num: int | None = None  # the job number in a sweep (an Optuna sweep's trial number)
     pruning: PruningTarget | None = None
+    # What the job runs: its sorted overrides (Hydra's override_dirname), which name its
+    # folder in a sweep. Unlike `num`, the same whatever the order of a sweep's values.
+    id: str | None = None
 
     @classmethod
     def current(cls, cfg: DictConfig) -> HydraJob:
         from trainer.pruning import pruning_target
 
-        return cls(tuple(task_overrides()), job_num(), pruning_target(cfg))
+        return cls(tuple(task_overrides()), job_num(), pruning_target(cfg), job_id())
 
 
 def train(
@@ -75,6 +78,8 @@ def train(
     if finished is not None:
         log.info("resume=auto: %s already finished (results.json); nothing to do", output_dir)
         return optimized_value(cfg, finished["metrics"])
+    # Before any file is written or removed: a refused run leaves the folder as it was.
+    check_run_dir_free(cfg, output_dir)
     job = job or HydraJob.current(cfg)
     if cfg.trainer.devices > 1 and not launched_by_torchrun():
         return _spawn_workers(cfg, device, started, job)
@@ -262,6 +267,7 @@ def _train(
         "overrides": list(job.overrides),
         "world_size": ctx.world_size,
         "job_num": job.num,
+        "job_id": job.id,
     }
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -343,6 +349,13 @@ def job_num() -> int | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+
+
+def job_id() -> str | None:
+    """This job's identity: its sorted overrides (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else None
 
 
 def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
