@@ -81,12 +81,18 @@ def is_multirun(config: DictConfig) -> bool:
     return config.hydra.mode == RunMode.MULTIRUN
 
 
-def record_failure(output_dir: Path, error: BaseException, job: dict[str, Any]) -> str:
-    """Write the error next to whatever the job already wrote; returns its one-line form."""
+def record_failure(
+    output_dir: Path, error: BaseException, job: dict[str, Any], error_file: bool = True
+) -> str:
+    """Write the error next to whatever the job already wrote; returns its one-line form.
+
+    `error_file=False`: results.json only, for a job of an earlier sweep found dead, which
+    this sweep's failure count must not include."""
     line = f"{type(error).__name__}: {error}"
     output_dir.mkdir(parents=True, exist_ok=True)
     detail = line if isinstance(error, UserError) else "".join(traceback.format_exception(error))
-    (output_dir / ERROR_FILE).write_text(detail.rstrip() + "\n")
+    if error_file:
+        (output_dir / ERROR_FILE).write_text(detail.rstrip() + "\n")
     results_path = output_dir / RESULTS_FILE
     # A job that failed after writing its results keeps them.
     results = _read_json(results_path) if results_path.is_file() else {}
