@@ -111,7 +111,7 @@ def test_a_continued_study_fails_killed_trials_and_proposes_new_points(tmp_path:
         stderr=subprocess.DEVNULL,
     )
     deadline = time.monotonic() + 300
-    while not list(sweep_dir.glob("2_*/.hydra")) and time.monotonic() < deadline:
+    while not list(sweep_dir.glob("2_*/.hydra/overrides.yaml")) and time.monotonic() < deadline:
         assert proc.poll() is None, "the sweep ended before trial 2"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
