@@ -135,6 +135,7 @@ class SweepCallback(Callback):
     def __init__(self, continue_on_error: bool = True) -> None:
         self.continue_on_error = continue_on_error
         self._started = 0.0
+        self._before: dict[Path, bytes | int] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A continued sweep reuses its folder: only this invocation's failures count.
@@ -144,7 +145,7 @@ class SweepCallback(Callback):
             note.unlink(missing_ok=True)
         # Hydra rewrites a job's .hydra/*.yaml and appends to its log before the job can be
         # refused: what they held is kept here to put back (jobs run in this process).
-        self._before: dict[Path, bytes | int] = {}
+        self._before = {}
         for path in sweep_dir.glob("*/.hydra/*.yaml"):
             self._before[path] = path.read_bytes()
         for path in sweep_dir.glob("*/*.log"):
@@ -183,7 +184,7 @@ class SweepCallback(Callback):
         job_return.return_value = None
 
     def _put_back(self, output_dir: Path) -> None:
-        for path, before in getattr(self, "_before", {}).items():
+        for path, before in self._before.items():
             if path.parent not in (output_dir, output_dir / ".hydra"):
                 continue
             if isinstance(before, bytes):
