@@ -172,11 +172,7 @@ def resume_state(
     cfg: Any, files: CheckpointFiles, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], str] | None:
     """What to resume from: this run's newest checkpoint (resume=auto), ckpt_path, or nothing."""
-    if cfg.resume not in RESUME_MODES:
-        raise ConfigError(
-            f"resume={cfg.resume!r} must be auto or null; to resume from a given file "
-            "use ckpt_path=<file>"
-        )
+    _check_resume_mode(cfg)
     if cfg.resume == "auto":
         found = find_resume_state(files, map_location)
         if found is not None:
@@ -194,6 +190,7 @@ def check_run_dir_free(cfg: Any, output_dir: Path, files: CheckpointFiles | None
     """Refuse a new run (no resume=auto) where an earlier run left checkpoints or results:
     it would overwrite them. Starting from ckpt_path=... is a new run too. Checked before
     anything is written, so a refused run leaves the folder as it was."""
+    _check_resume_mode(cfg)
     if cfg.resume == "auto":
         return
     files = files or CheckpointFiles(output_dir / cfg.checkpoint.dirname)
@@ -207,6 +204,14 @@ def check_run_dir_free(cfg: Any, output_dir: Path, files: CheckpointFiles | None
         f"{output_dir} already holds {held} of an earlier run; add resume=auto to continue "
         "it, or start a new run in another folder (run_id=..., hydra.run.dir=...)"
     )
+
+
+def _check_resume_mode(cfg: Any) -> None:
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(
+            f"resume={cfg.resume!r} must be auto or null; to resume from a given file "
+            "use ckpt_path=<file>"
+        )
 
 
 def finished_results(cfg: Any, output_dir: Path) -> dict[str, Any] | None:
