@@ -22,16 +22,17 @@ pytestmark = pytest.mark.slow
 TINY = ["model.hidden_sizes=[64]", "trainer.max_epochs=1", "trainer.log_every_n_steps=5"]
 
 
-def spawned_workers() -> set[int]:
-    """PIDs of live torch.multiprocessing workers on this machine."""
+def spawned_workers(parent: int | None = None) -> set[int]:
+    """PIDs of live torch.multiprocessing workers on this machine (of `parent` only)."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes()
-            except OSError:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
                 continue
-            if b"multiprocessing.spawn" in cmdline:
+            if b"multiprocessing.spawn" in cmdline and parent in (None, ppid):
                 pids.add(int(proc.name))
     return pids
 
@@ -202,7 +203,7 @@ def test_killing_one_rank_stops_the_run_with_a_clear_error(tmp_path: Path) -> No
     for line in proc.stdout:
         if "first optimizer step done" in line:
             break
-    victim = max(spawned_workers() - before)
+    victim = max(spawned_workers(parent=proc.pid))  # not another test's worker
     os.kill(victim, signal.SIGKILL)
     started = time.monotonic()
     _, stderr = proc.communicate(timeout=120)
