@@ -107,7 +107,7 @@ def test_grid_sweep_gives_a_folder_tensorboard_run_and_report_row_per_job(tmp_pa
     stdout, rows = report(sweep_dir)
     assert len(rows) == 4
     expected_order = sorted(values, key=lambda n: -values[n])
-    assert [int(r["job"]) for r in rows] == expected_order
+    assert [r["job"] for r in rows] == [folders[n].name for n in expected_order]
     assert [float(r["val/acc"]) for r in rows] == [values[n] for n in expected_order]
     assert [r["rank"] for r in rows] == ["1", "2", "3", "4"]
     assert (sweep_dir / "sweep_report.md").read_text().count("| completed |") == 4
@@ -150,8 +150,8 @@ def test_failing_job_is_recorded_marked_and_the_sweep_exits_nonzero(tmp_path: Pa
 
     stdout, rows = report(sweep_dir)
     assert [(r["job"], r["status"], r["rank"]) for r in rows] == [
-        ("1", "completed", "1"),
-        ("0", "failed", ""),
+        (ok.name, "completed", "1"),
+        (failed.name, "failed", ""),
     ]
     assert "## Failed jobs" in stdout and "larger than the training set" in stdout
 
@@ -365,7 +365,6 @@ def test_a_bug_in_a_job_is_recorded_with_its_traceback_and_cleared_on_rerun(
     job_return = JobReturn(overrides=["a=1"], status=JobStatus.FAILED, _return_value=error)
     callback = SweepCallback()
     callback.on_multirun_start(config)
-    callback.on_job_start(config)
     callback.on_job_end(config, job_return)
     # The sweeper gets a finished job with no value, so it goes on.
     assert job_return.status == JobStatus.COMPLETED and job_return.return_value is None
@@ -380,5 +379,7 @@ def test_a_bug_in_a_job_is_recorded_with_its_traceback_and_cleared_on_rerun(
     with pytest.raises(SystemExit) as exit_info:
         callback.on_multirun_end(config)
     assert exit_info.value.code == 1
-    callback.on_job_start(config)  # the job runs again in the same folder
-    assert not (job_dir / "error.txt").exists() and not (job_dir / "results.json").exists()
+    # The job runs again in the same folder and completes: the old error is no longer its.
+    (job_dir / "results.json").write_text('{"status": "completed"}')
+    callback.on_job_end(config, JobReturn(overrides=["a=1"], status=JobStatus.COMPLETED))
+    assert not (job_dir / "error.txt").exists() and results(job_dir)["status"] == "completed"

@@ -127,6 +127,10 @@ def _run_reporting_user_errors(hydra_main: Callable[[], Any]) -> None:
                 raise
             hydra_main()  # the config asks for a sweep: let Hydra compose it twice
     except Exception as e:
+        preempted = _preempted_launcher_job(e)
+        if preempted is not None and not show_traces:
+            print(preempted, file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_PREEMPTED) from None
         message = None if show_traces else describe_user_error(e) or _output_dir_error(e)
         if message is None:
             raise
@@ -188,7 +192,8 @@ def _user_environment() -> Iterator[None]:
     except Preempted as e:
         # Ends the process, which a multirun does not catch: a preempted sweep stops
         # at the job it was in, to be resumed as a whole.
-        print(f"preempted: {e}", file=sys.stderr, flush=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line: rank 0's
+            print(f"preempted: {e}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_PREEMPTED) from None
     except Exception as e:
         message = None if _user_full_error == "1" else describe_user_error(e)
@@ -207,6 +212,15 @@ def _restore_full_error_env() -> None:
         os.environ.pop(FULL_ERROR_ENV, None)
     else:
         os.environ[FULL_ERROR_ENV] = _user_full_error
+
+
+def _preempted_launcher_job(error: BaseException) -> str | None:
+    """A job that a launcher ran in another process (submitit) and that was preempted
+    without being requeued: its `preempted:` line, for the sweep to exit 75 with."""
+    if type(error).__name__ != "UncompletedJobError":
+        return None
+    lines = [line for line in str(error).splitlines() if line.startswith("preempted: ")]
+    return lines[-1] if lines else None
 
 
 def _output_dir_error(error: BaseException) -> str | None:

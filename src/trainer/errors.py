@@ -13,6 +13,10 @@ class ConfigError(UserError):
     """A config value is missing, misspelled or out of range."""
 
 
+class RunDirInUseError(ConfigError):
+    """The run folder holds an earlier run's files; a new run there would overwrite them."""
+
+
 class DataError(UserError):
     """Dataset files are missing, corrupt or cannot be fetched."""
 

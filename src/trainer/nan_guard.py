@@ -16,10 +16,11 @@ of every run. So the guard reads back only where that is free:
   each loss back on any device: a sync the user opts into with this policy.
 
 Under torch.distributed every rank must take the same decision at the same
-step, or the others wait forever in the next collective: `skip` all-reduces
-each micro-batch's verdict (part of its price), and `error` uses the device
-record on every device, all-reduced where it is read, so all ranks stop at the
-same check with the first bad step of any rank.
+step, or the others wait forever in the next collective: `skip`, and `error` on
+the CPU, all-reduce each micro-batch's verdict (so all ranks stop before the bad
+step and save the last good state, as one process does); `error` on an
+accelerator uses the device record, all-reduced where it is read, so all ranks
+stop at the same check with the first bad step of any rank.
 """
 
 from __future__ import annotations
@@ -44,9 +45,9 @@ class NanGuard:
     ) -> None:
         # policy and max_consecutive were checked with the config (validation.py).
         self.policy, self.max_consecutive, self.dist = policy, max_consecutive, dist
-        self.check_every_batch = policy == "skip" or (
-            self.reads_back_free(device) and not dist.enabled
-        )
+        # On the CPU ranks also check every micro-batch (one tiny all-reduce each, next to
+        # the gradients' own): so they save the last good state as one process does.
+        self.check_every_batch = policy == "skip" or self.reads_back_free(device)
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
         self._first_bad_loss = torch.zeros((), device=device)
         self.bad_value = 0.0

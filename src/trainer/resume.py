@@ -22,7 +22,7 @@ import torch
 
 from trainer.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
 from trainer.checkpoint_writer import BackgroundWriter, snapshot
-from trainer.errors import CheckpointError, ConfigError
+from trainer.errors import CheckpointError, ConfigError, RunDirInUseError
 
 log = logging.getLogger(__name__)
 
@@ -172,37 +172,66 @@ def resume_state(
     cfg: Any, files: CheckpointFiles, map_location: str | torch.device = "cpu"
 ) -> tuple[dict[str, Any], str] | None:
     """What to resume from: this run's newest checkpoint (resume=auto), ckpt_path, or nothing."""
-    if cfg.resume not in RESUME_MODES:
-        raise ConfigError(
-            f"resume={cfg.resume!r} must be auto or null; to resume from a given file "
-            "use ckpt_path=<file>"
-        )
+    _check_resume_mode(cfg)
     if cfg.resume == "auto":
         found = find_resume_state(files, map_location)
         if found is not None:
             return found[0], str(found[1])
         if not cfg.ckpt_path:
             log.info("resume=auto: no checkpoint in %s yet; starting from scratch", files.folder)
-    elif not cfg.ckpt_path and files.candidates():
-        raise ConfigError(
-            f"{files.folder} already holds checkpoints of an earlier run; add resume=auto to "
-            "continue it, or start a new run in another folder (run_id=..., hydra.run.dir=...)"
-        )
+    else:
+        check_run_dir_free(cfg, files.folder.parent, files)
     if cfg.ckpt_path:
         return load_checkpoint(cfg.ckpt_path, map_location), str(cfg.ckpt_path)
     return None
 
 
+def check_run_dir_free(cfg: Any, output_dir: Path, files: CheckpointFiles | None = None) -> None:
+    """Refuse a new run (no resume=auto) where an earlier run left checkpoints or results:
+    it would overwrite them. Starting from ckpt_path=... is a new run too. Checked before
+    anything is written, so a refused run leaves the folder as it was."""
+    _check_resume_mode(cfg)
+    if cfg.resume == "auto":
+        return
+    files = files or CheckpointFiles(output_dir / cfg.checkpoint.dirname)
+    if files.candidates() or files.best.is_file():
+        held = "checkpoints"
+    elif _read_results(output_dir / "results.json").get("status") not in (None, "failed"):
+        held = "the results (results.json)"
+    else:
+        return
+    raise RunDirInUseError(
+        f"{output_dir} already holds {held} of an earlier run; add resume=auto to continue "
+        "it, or start a new run in another folder (run_id=..., hydra.run.dir=...)"
+    )
+
+
+def _check_resume_mode(cfg: Any) -> None:
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(
+            f"resume={cfg.resume!r} must be auto or null; to resume from a given file "
+            "use ckpt_path=<file>"
+        )
+
+
 def finished_results(cfg: Any, output_dir: Path) -> dict[str, Any] | None:
-    """With resume=auto, the results of a run that already finished in `output_dir`."""
-    results = output_dir / "results.json"
-    if cfg.resume != "auto" or not results.is_file():
+    """With resume=auto, the results of a run that already finished in `output_dir`
+    (a failed job's results.json does not count: the job runs again)."""
+    path = output_dir / "results.json"
+    if cfg.resume != "auto" or not path.is_file():
         return None
+    results = _read_results(path)
+    if not results:
+        log.warning("resume=auto: %s is unreadable; running the job again", path)
+        return None
+    return None if results.get("status") == "failed" else results
+
+
+def _read_results(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(results.read_text())
+        return json.loads(path.read_text()) if path.is_file() else {}
     except (OSError, ValueError):
-        log.warning("resume=auto: %s is unreadable; running the job again", results)
-        return None
+        return {}
 
 
 def _same_file(a: Path, b: Path) -> bool:

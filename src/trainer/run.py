@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import ConfigError, UserError
-from trainer.resume import CheckpointFiles, finished_results, resume_state
+from trainer.errors import ConfigError, Preempted, UserError
+from trainer.resume import CheckpointFiles, check_run_dir_free, finished_results, resume_state
 
 if TYPE_CHECKING:
     from trainer.pruning import PruningTarget
@@ -36,12 +37,15 @@ class HydraJob:
     overrides: tuple[str, ...] = ()
     num: int | None = None  # the job number in a sweep (an Optuna sweep's trial number)
     pruning: PruningTarget | None = None
+    # What the job runs: its sorted overrides (Hydra's override_dirname), which name its
+    # folder in a sweep. Unlike `num`, the same whatever the order of a sweep's values.
+    id: str | None = None
 
     @classmethod
     def current(cls, cfg: DictConfig) -> HydraJob:
         from trainer.pruning import pruning_target
 
-        return cls(tuple(task_overrides()), job_num(), pruning_target(cfg))
+        return cls(tuple(task_overrides()), job_num(), pruning_target(cfg), job_id())
 
 
 def train(
@@ -59,8 +63,10 @@ def train(
         destroy_process_group,
         init_process_group,
         launched_by_torchrun,
+        lost_peer,
+        peer_error_line,
     )
-    from trainer.preemption import PreemptionHandler
+    from trainer.preemption import PreemptionHandler, clear_preempted_mark, mark_preempted
     from trainer.validation import validate_train_config
 
     started = started or time.time()
@@ -72,6 +78,8 @@ def train(
     if finished is not None:
         log.info("resume=auto: %s already finished (results.json); nothing to do", output_dir)
         return optimized_value(cfg, finished["metrics"])
+    # Before any file is written or removed: a refused run leaves the folder as it was.
+    check_run_dir_free(cfg, output_dir)
     job = job or HydraJob.current(cfg)
     if cfg.trainer.devices > 1 and not launched_by_torchrun():
         return _spawn_workers(cfg, device, started, job)
@@ -80,17 +88,27 @@ def train(
         ctx = init_process_group(device.type, cfg.trainer.dist_timeout_s)
         if device.type == "cuda":
             device = torch.device("cuda", ctx.local_rank)
-        if not ctx.is_main:
-            logging.getLogger().setLevel(logging.WARNING)
+        if not ctx.is_main:  # one line per event: rank 0's (the others log only errors)
+            logging.getLogger().setLevel(logging.ERROR)
+    if ctx.is_main:
+        clear_preempted_mark(output_dir)
     try:
         # Installed before the slow setup, so a signal at any point ends in a checkpoint.
         with PreemptionHandler() as preemption:
             return _train(cfg, ctx, device, started, job, preemption)
-    except torch.distributed.DistBackendError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    except Preempted as e:
+        if ctx.is_main:  # for requeue scripts where the exit code is not ours (torchrun)
+            mark_preempted(output_dir, str(e))
+        raise
+    except RuntimeError as e:
+        if not (ctx.enabled and lost_peer(e)):
+            raise
+        if launched_by_torchrun():
+            # torchrun stops the surviving ranks with SIGTERM: the error line comes first.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise UserError(
             f"rank {ctx.rank} lost its process group (a peer died or stopped answering within "
-            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): {first_line}"
+            f"trainer.dist_timeout_s={cfg.trainer.dist_timeout_s}): {peer_error_line(e)}"
         ) from None
     finally:
         destroy_process_group()
@@ -260,6 +278,7 @@ def _train(
         "overrides": list(job.overrides),
         "world_size": ctx.world_size,
         "job_num": job.num,
+        "job_id": job.id,
         "provenance": run_provenance,
     }
     if ctx.is_main:
@@ -309,7 +328,9 @@ def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> fl
     results_file = output_dir / "results.json"
     results_file.unlink(missing_ok=True)
     log.info("spawning %d workers (%s)", devices, "nccl" if device.type == "cuda" else "gloo")
-    spawn(_worker, devices, args=(container, started, _job_log_file(), job))
+    preempted = spawn(_worker, devices, args=(container, started, _job_log_file(), job))
+    if preempted is not None:  # the workers saved; the launcher exits for requeue
+        raise Preempted(preempted)
     return optimized_value(cfg, json.loads(results_file.read_text())["metrics"])
 
 
@@ -355,6 +376,13 @@ def job_num() -> int | None:
     from hydra.core.hydra_config import HydraConfig
 
     return HydraConfig.get().job.get("num") if HydraConfig.initialized() else None
+
+
+def job_id() -> str | None:
+    """This job's identity: its sorted overrides (None outside a Hydra app)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return str(HydraConfig.get().job.override_dirname) if HydraConfig.initialized() else None
 
 
 def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:

@@ -112,6 +112,8 @@ def state_key(trainer: Trainer) -> tuple:
 
 
 def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+    # First: another global batch also changes the step count, and is the cause to name.
+    _check_same_layout(trainer, state, source)
     planned = state["trainer"].get("max_steps")
     if trainer.scheduler is not None and planned is not None and planned != trainer.max_steps:
         raise CheckpointError(
@@ -120,7 +122,6 @@ def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) ->
             "trainer.max_epochs/max_steps, data.batch_size, trainer.limit_train_batches and "
             "trainer.accumulate_grad_batches as in that run, or use scheduler=none"
         )
-    _check_same_layout(trainer, state, source)
     trainer.strategy.load_model(trainer.model, state["model"], source)
     trainer.unfreeze(state["epoch"])  # the saved optimizer has the unfrozen groups too
     trainer.strategy.load_optimizer(trainer.model, trainer.optimizer, state["optimizer"])

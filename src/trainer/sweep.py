@@ -5,6 +5,9 @@
 
 - writes a failed job's error into its own folder (`error.txt`, and
   `results.json` with `"status": "failed"`), so the report can mark it;
+- leaves the folder of a job that was refused because an earlier run's files
+  are there (rerun without resume=auto) as it was: the refusal is noted in
+  `<sweep dir>/.refused/` instead;
 - lets the sweep go on (`continue_on_error: true`): Hydra's sweepers re-raise
   a failed job's exception and stop, so the callback hands the sweeper a
   completed job with no value instead; with `false` the sweep stops there;
@@ -31,12 +34,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.errors import UserError
+from trainer.errors import RunDirInUseError, UserError
 
 log = logging.getLogger(__name__)
 
 EXIT_JOBS_FAILED = 1
 ERROR_FILE = "error.txt"
+REFUSED_DIR = ".refused"  # in the sweep folder: one file per refused job, this invocation
 RESULTS_FILE = "results.json"
 # Longer folder names are cut and given a hash: file systems allow 255 bytes.
 MAX_DIRNAME = 150
@@ -79,12 +83,18 @@ def is_multirun(config: DictConfig) -> bool:
     return config.hydra.mode == RunMode.MULTIRUN
 
 
-def record_failure(output_dir: Path, error: BaseException, job: dict[str, Any]) -> str:
-    """Write the error next to whatever the job already wrote; returns its one-line form."""
+def record_failure(
+    output_dir: Path, error: BaseException, job: dict[str, Any], error_file: bool = True
+) -> str:
+    """Write the error next to whatever the job already wrote; returns its one-line form.
+
+    `error_file=False`: results.json only, for a job of an earlier sweep found dead, which
+    this sweep's failure count must not include."""
     line = f"{type(error).__name__}: {error}"
     output_dir.mkdir(parents=True, exist_ok=True)
     detail = line if isinstance(error, UserError) else "".join(traceback.format_exception(error))
-    (output_dir / ERROR_FILE).write_text(detail.rstrip() + "\n")
+    if error_file:
+        (output_dir / ERROR_FILE).write_text(detail.rstrip() + "\n")
     results_path = output_dir / RESULTS_FILE
     # A job that failed after writing its results keeps them.
     results = _read_json(results_path) if results_path.is_file() else {}
@@ -101,7 +111,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
-    """(folder, error line) of every job under `sweep_dir` that failed after `since`."""
+    """(folder, error line) of every job under `sweep_dir` that failed or was refused
+    after `since`."""
     failed = []
     for error_file in sorted(sweep_dir.glob(f"*/{ERROR_FILE}")):
         if error_file.stat().st_mtime < since:
@@ -109,13 +120,24 @@ def failed_jobs(sweep_dir: Path, since: float = 0.0) -> list[tuple[Path, str]]:
         # A traceback ends with the `Type: message` line that a user error consists of.
         lines = error_file.read_text().strip().splitlines() or ["unknown error"]
         failed.append((error_file.parent, lines[-1]))
+    for note in sorted((sweep_dir / REFUSED_DIR).glob("*")):
+        if note.stat().st_mtime >= since:
+            failed.append((sweep_dir / note.name, note.read_text().strip()))
     return failed
+
+
+def launched_jobs(sweep_dir: Path, since: float = 0.0) -> int:
+    """Jobs of the sweep launched after `since`, those skipped as finished included:
+    Hydra rewrites every launched job's .hydra/overrides.yaml."""
+    files = sweep_dir.glob("*/.hydra/overrides.yaml")
+    return sum(1 for p in files if p.stat().st_mtime >= since)
 
 
 class SweepCallback(Callback):
     def __init__(self, continue_on_error: bool = True) -> None:
         self.continue_on_error = continue_on_error
         self._started = 0.0
+        self._before: dict[Path, bytes | int] = {}
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # A continued sweep reuses its folder: only this invocation's failures count.
@@ -124,28 +146,42 @@ class SweepCallback(Callback):
             from trainer.slurm import use_trainer_launcher
 
             use_trainer_launcher(config)
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not is_multirun(config):
-            return
-        # A rerun of a sweep reuses job folders: an earlier failure is no longer this job's.
-        output_dir = Path(config.hydra.runtime.output_dir)
-        (output_dir / ERROR_FILE).unlink(missing_ok=True)
-        results = output_dir / RESULTS_FILE
-        if results.is_file() and _read_json(results).get("status") == "failed":
-            results.unlink()
+        sweep_dir = Path(config.hydra.sweep.dir)
+        for note in (sweep_dir / REFUSED_DIR).glob("*"):
+            note.unlink(missing_ok=True)
+        # Hydra rewrites a job's .hydra/*.yaml and appends to its log before the job can be
+        # refused: what they held is kept here to put back (jobs run in this process).
+        self._before = {}
+        for path in sweep_dir.glob("*/.hydra/*.yaml"):
+            self._before[path] = path.read_bytes()
+        for path in sweep_dir.glob("*/*.log"):
+            self._before[path] = path.stat().st_size
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if not is_multirun(config) or job_return.status != JobStatus.FAILED:
+        if not is_multirun(config):
+            return
+        output_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status != JobStatus.FAILED:
+            # A rerun of a sweep reuses job folders: an earlier failure is no longer this job's
+            # (its results.json the job replaced, or found finished).
+            (output_dir / ERROR_FILE).unlink(missing_ok=True)
             return
         error = job_return._return_value
-        output_dir = Path(config.hydra.runtime.output_dir)
-        job = {"job_num": config.hydra.job.num, "overrides": list(job_return.overrides or [])}
-        line = record_failure(output_dir, error, job)
-        if isinstance(error, UserError):
-            log.error("job %s failed: %s", config.hydra.job.num, line)
+        if isinstance(error, RunDirInUseError):
+            # Refused before it wrote anything: the earlier run's files stay as they were.
+            line = f"{type(error).__name__}: {error}"
+            self._put_back(output_dir)
+            refused = Path(config.hydra.sweep.dir) / REFUSED_DIR
+            refused.mkdir(parents=True, exist_ok=True)
+            (refused / output_dir.name).write_text(line + "\n")
+            print(f"job {config.hydra.job.num} refused: {error}", file=sys.stderr, flush=True)
         else:
-            log.error("job %s failed", config.hydra.job.num, exc_info=error)
+            job = {"job_num": config.hydra.job.num, "overrides": list(job_return.overrides or [])}
+            line = record_failure(output_dir, error, job)
+            if isinstance(error, UserError):
+                log.error("job %s failed: %s", config.hydra.job.num, line)
+            else:
+                log.error("job %s failed", config.hydra.job.num, exc_info=error)
         if not self.continue_on_error:
             print(f"error: {line} (in {output_dir}); stopping the sweep", file=sys.stderr)
             raise SystemExit(EXIT_JOBS_FAILED)
@@ -153,12 +189,22 @@ class SweepCallback(Callback):
         job_return.status = JobStatus.COMPLETED
         job_return.return_value = None
 
+    def _put_back(self, output_dir: Path) -> None:
+        for path, before in self._before.items():
+            if path.parent not in (output_dir, output_dir / ".hydra"):
+                continue
+            if isinstance(before, bytes):
+                path.write_bytes(before)
+            else:
+                with path.open("r+b") as f:
+                    f.truncate(before)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         failed = failed_jobs(sweep_dir, since=self._started)
         if not failed:
             return
-        total = sum(1 for p in sweep_dir.glob("*/.hydra") if p.stat().st_mtime >= self._started)
+        total = launched_jobs(sweep_dir, self._started)
         print(
             f"error: {len(failed)} of {max(total, len(failed))} jobs failed; "
             f"the others' results are in {sweep_dir} (errors in <job>/{ERROR_FILE}):",

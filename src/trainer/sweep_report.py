@@ -28,12 +28,20 @@ FINISHED = ("completed", "pruned")
 
 @dataclass
 class Job:
+    """One job folder. Its identity is `name`, the folder's name: the job's sorted
+    overrides (`<trial>_<overrides>` for Optuna), the same in every rerun of the sweep;
+    `num`, the position in the launch that ran it, can repeat after a reordered rerun."""
+
     folder: Path
     num: int | None
     overrides: list[str]
     status: str  # completed | pruned | failed | unfinished
     results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
 
     @property
     def params(self) -> dict[str, str]:
@@ -65,7 +73,7 @@ def read_job(folder: Path) -> Job:
 def read_sweep(sweep_dir: Path) -> list[Job]:
     folders = [p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")]
     jobs = [read_job(folder) for folder in folders]
-    return sorted(jobs, key=lambda j: (j.num is None, j.num or 0, j.folder.name))
+    return sorted(jobs, key=lambda j: j.name)
 
 
 def metric_and_mode(jobs: list[Job], metric: str | None, mode: str | None) -> tuple[str, str]:
@@ -89,11 +97,11 @@ def sort_jobs(jobs: list[Job], metric: str, mode: str) -> list[Job]:
     sign = -1.0 if mode == "max" else 1.0
     order = {"completed": 0, "pruned": 1}
 
-    def key(job: Job) -> tuple[int, float, int]:
+    def key(job: Job) -> tuple[int, float, str]:
         value = job.metric(metric)
         if job.status not in order or value is None:
-            return (2, 0.0, job.num or 0)
-        return (order[job.status], sign * value, job.num or 0)
+            return (2, 0.0, job.name)
+        return (order[job.status], sign * value, job.name)
 
     return sorted(jobs, key=key)
 
@@ -118,14 +126,13 @@ def job_rows(jobs: list[Job], keys: list[str], metrics: list[str]) -> list[dict[
     rows = []
     for rank, job in enumerate(jobs, 1):
         ranked = job.status == "completed" and job.metric(metrics[0]) is not None
-        row: dict[str, Any] = {"rank": rank if ranked else "", "job": job.num}
+        row: dict[str, Any] = {"rank": rank if ranked else "", "job": job.name}
         row.update({k: job.params.get(k, "") for k in keys})
         row.update({m: job.metric(m) for m in metrics})
         row["epochs"] = job.results.get("epochs")
         row["status"] = job.status
         seconds = job.results.get("wall_time_s")
         row["time_s"] = None if seconds is None else f"{seconds:.1f}"
-        row["folder"] = job.folder.name
         rows.append(row)
     return rows
 
@@ -225,21 +232,19 @@ def render(report: dict[str, Any], sweep_dir: Path) -> str:
     if report["common"]:
         shared = " ".join(f"{k}={v}" for k, v in report["common"].items())
         parts.append(f"Overrides shared by all jobs: `{shared}`")
-    # The overrides name the folder; the CSV has the folder name too.
-    parts.append(
-        markdown_table([{k: v for k, v in r.items() if k != "folder"} for r in report["rows"]])
-    )
+    # A job is named by its folder (its overrides): the same in every rerun of the sweep.
+    parts.append(markdown_table(report["rows"]))
     if report["groups"]:
         parts += ["## Mean ± std over seeds, per config", markdown_table(report["groups"])]
     failed = [j for j in jobs if j.status == "failed"]
     if failed:
         parts.append("## Failed jobs")
-        parts.append("\n".join(f"- job {j.num} (`{j.folder.name}`): {j.error}" for j in failed))
+        parts.append("\n".join(f"- `{j.name}`: {j.error}" for j in failed))
     best = report["best"]
     if best is not None:
         value = best.metric(report["metric"])
         parts += [
-            f"Best: job {best.num} with {report['metric']} = {value:.4f}; to reproduce it:",
+            f"Best: `{best.name}` with {report['metric']} = {value:.4f}; to reproduce it:",
             f"```\n{reproduce_command(best)}\n```",
         ]
     return "\n\n".join(parts) + "\n"

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +23,10 @@ SQLITE = "sqlite:///"
 
 
 class PruningOptunaSweeperImpl(OptunaSweeperImpl):
-    def __init__(self, pruner: Any = None, **kwargs: Any) -> None:
+    def __init__(self, pruner: Any = None, heartbeat_interval: int = 60, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.pruner = pruner
+        self.heartbeat_interval = heartbeat_interval
 
     def sweep(self, arguments: list[str]) -> None:
         import optuna
@@ -44,14 +48,26 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
         storage = absolute_storage(self.storage, self.config.hydra.runtime.cwd)
         if storage and storage.startswith(SQLITE):  # the sweep folder may not exist yet
             Path(storage[len(SQLITE) :]).parent.mkdir(parents=True, exist_ok=True)
+        study_storage: Any = storage
+        if storage:
+            # Trials report a heartbeat while they run: a trial whose sweep was killed stops
+            # beating, and a continued sweep marks it FAIL instead of RUNNING forever.
+            study_storage = optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=self.heartbeat_interval,
+                grace_period=2 * self.heartbeat_interval,
+            )
         study = optuna.create_study(
             study_name=self.study_name,
-            storage=storage,
+            storage=study_storage,
             sampler=self.sampler,
             pruner=self.pruner,
             directions=directions,
             load_if_exists=True,
         )
+        if storage:
+            self._fail_stale_trials(study, storage)
+        self._reseed_continued(study)
         log.info(
             "study %r in %s, directions %s, pruner %s",
             study.study_name,
@@ -65,7 +81,8 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
             trials = [study.ask() for _ in range(min(to_go, self.n_jobs))]
             overrides = self._configure_trials(trials, distributions, fixed_params)
             try:
-                returns = self._launch(trials, overrides)
+                with _heartbeats(study_storage, trials, self.heartbeat_interval):
+                    returns = self._launch(trials, overrides)
             except BaseException:
                 for trial in trials:  # don't leave them RUNNING in the study forever
                     _tell(study, trial, state=optuna.trial.TrialState.FAIL)
@@ -99,6 +116,45 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
                 break
         self._save_results(study, directions)
 
+    def _fail_stale_trials(self, study: Any, url: str) -> None:
+        """Trials left RUNNING by a killed sweep: FAIL in the study, and `failed` in their
+        folders' results.json, so the report says what happened to them."""
+        import optuna
+
+        from trainer.sweep import RESULTS_FILE, record_failure
+
+        running = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
+        if not running:
+            return
+        optuna.storages.fail_stale_trials(study)
+        # Read back through a new connection: the study's storage caches trial states.
+        fresh = optuna.load_study(study_name=study.study_name, storage=url)
+        failed = fresh.get_trials(states=(optuna.trial.TrialState.FAIL,))
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        for trial in (t for t in failed if t.number in running):
+            log.warning("trial %d was left running by a stopped sweep: marked FAIL", trial.number)
+            for folder in sweep_dir.glob(f"{trial.number}_*"):
+                if not (folder / RESULTS_FILE).is_file():
+                    error = RuntimeError(
+                        "the sweep running this trial was stopped (no heartbeat for "
+                        f"{2 * self.heartbeat_interval} s); the continued study marked it FAIL"
+                    )
+                    record_failure(folder, error, {"job_num": trial.number}, error_file=False)
+
+    def _reseed_continued(self, study: Any) -> None:
+        """A continued study with a fixed sampler seed would propose its first trials again:
+        the sampler is made anew with the seed advanced by the trials already in the study,
+        so the search stays repeatable and goes on to new points."""
+        sampler_cfg = OmegaConf.select(self.config, "hydra.sweeper.sampler")
+        seed = OmegaConf.select(self.config, "hydra.sweeper.sampler.seed", default=None)
+        done = len(study.trials)
+        if seed is None or not done or isinstance(self.sampler, functools.partial):
+            return
+        from hydra.utils import instantiate
+
+        study.sampler = self.sampler = instantiate(sampler_cfg, seed=int(seed) + done)
+        log.info("continued study: %d trials so far, sampler seed %d", done, int(seed) + done)
+
     def _launch(self, trials: list[Any], overrides: list[Any]) -> list[Any]:
         """Launch trial N as job N (trials of a batch are numbered in a row)."""
         returns: list[Any] = []
@@ -129,6 +185,30 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
             log.info("best trial %d: %s = %s", best.number, best.params, best.value)
         path = f"{self.config.hydra.sweep.dir}/optimization_results.yaml"
         OmegaConf.save(OmegaConf.create(results), path)
+
+
+@contextmanager
+def _heartbeats(storage: Any, trials: list[Any], interval: int) -> Iterator[None]:
+    """Record the trials' heartbeats in the study storage while their jobs run."""
+    if not storage or not storage.is_heartbeat_enabled():
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            for trial in trials:
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name="optuna-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _grid_size(grid: dict[str, list[Any]]) -> int:

@@ -10,7 +10,10 @@ plugin's search space syntax and options, and adds:
   the study (trainer.pruning) and a continued study never reuses a folder;
 - a job that its pruner stopped is told to the study as PRUNED, a job that
   failed (recorded by trainer.sweep.SweepCallback) as FAIL, and the search goes
-  on while the failures of a batch stay within `max_failure_rate`.
+  on while the failures of a batch stay within `max_failure_rate`;
+- continuing a study: trials a killed sweep left RUNNING (no heartbeat for
+  2 x `heartbeat_interval` s) become FAIL, and a fixed sampler seed is advanced
+  by the number of trials so far, so new points are proposed.
 
 It lives in the hydra_plugins namespace because Hydra only instantiates
 sweepers from there.
@@ -35,10 +38,12 @@ TARGET = "hydra_plugins.trainer_optuna_sweeper.optuna_sweeper.TrainerOptunaSweep
 
 
 class TrainerOptunaSweeper(Sweeper):
-    def __init__(self, pruner: Any = None, **kwargs: Any) -> None:
+    def __init__(self, pruner: Any = None, heartbeat_interval: int = 60, **kwargs: Any) -> None:
         from hydra_plugins.trainer_optuna_sweeper._impl import PruningOptunaSweeperImpl
 
-        self.sweeper = PruningOptunaSweeperImpl(pruner=pruner, **kwargs)
+        self.sweeper = PruningOptunaSweeperImpl(
+            pruner=pruner, heartbeat_interval=heartbeat_interval, **kwargs
+        )
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
@@ -58,6 +63,10 @@ if OptunaSweeperConf is not None:
         pruner: Any = None
         # Fraction of a batch of trials that may fail before the search stops.
         max_failure_rate: float = 1.0
+        # Seconds between a running trial's heartbeats in the study storage; a trial
+        # silent for twice as long (its sweep was killed) is marked FAIL when the
+        # study is continued.
+        heartbeat_interval: int = 60
 
     ConfigStore.instance().store(
         group="hydra/sweeper",
