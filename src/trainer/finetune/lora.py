@@ -18,6 +18,7 @@ layers can be adapted. peft needs the `lm` extra.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -120,17 +121,12 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = 
     layers = [(name, m) for name, m in model.named_modules() if _is_lora_layer(m)]
     if not layers:
         raise ConfigError("the model has no LoRA adapters to save; set finetune.lora.targets")
-    first = layers[0][1]
-    peft = _import_peft()
-    config = peft.LoraConfig(
-        r=first.r[ADAPTER],
-        lora_alpha=first.lora_alpha[ADAPTER],
-        lora_dropout=_dropout_p(first),
-        target_modules=[name for name, _ in layers],
-        bias="none",
-        base_model_name_or_path=base_model,
-        task_type="CAUSAL_LM" if hasattr(model, "generate") else None,
-    )
+    # The config peft stored on the model when it injected the adapters.
+    config = copy.copy(model.peft_config[ADAPTER])
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True
+    if hasattr(model, "generate"):
+        config.task_type = "CAUSAL_LM"
     tensors = {}
     for name, layer in layers:
         for part in ("lora_A", "lora_B"):
@@ -152,11 +148,6 @@ def _is_lora_layer(module: nn.Module) -> bool:
     from peft.tuners.lora import LoraLayer
 
     return isinstance(module, LoraLayer)
-
-
-def _dropout_p(layer: Any) -> float:
-    dropout = layer.lora_dropout[ADAPTER]
-    return float(dropout.p) if isinstance(dropout, nn.Dropout) else 0.0
 
 
 def _peft_targets(model: nn.Module, targets: list[str], chosen: list[str]) -> list[str] | str:
@@ -187,7 +178,7 @@ def _check_adaptable(name: str, module: nn.Module) -> None:
 
 def _no_match(target: str, names: list[str]) -> str:
     leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
-    if len(names) > len(leaves) * 2:  # repeated blocks (transformers): show the layer names
+    if len(leaves) < len(names):  # repeated blocks (transformers): show the layer names
         shown = ", ".join(leaves)
     else:
         shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")

@@ -99,7 +99,7 @@ def causal_lm(
     model.config.use_cache = False  # a KV cache only costs memory in training
     if gradient_checkpointing:
         # Non-reentrant: correct with frozen inputs (LoRA) without enable_input_require_grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model
 
 
@@ -118,7 +118,11 @@ def _is_offline() -> bool:
 
 def _looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else is meant as a folder.
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or (os.sep in name.strip("/"))
+    return (
+        name.startswith(("/", ".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+    )
 
 
 def _load(auto_cls: Any, source: str, local_files_only: bool | None, kwargs: dict, key: str) -> Any:
