@@ -24,9 +24,13 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from torch.nn import functional as F
 
 from trainer.config import register_configs
+from trainer.distributed import SINGLE
 from trainer.optim import build_optimizer
+from trainer.resume import CheckpointFiles
+from trainer.run import split_batches
 from trainer.trainer import Trainer
 
 
@@ -41,49 +45,66 @@ def build(cfg, data, steps_per_epoch):
     optimizer = build_optimizer(
         instantiate(cfg.optimizer, _convert_="all"), model, cfg.optimizer.weight_decay
     )
-    scheduler = instantiate(cfg.scheduler, _convert_="all")(
-        optimizer, total_steps=steps_per_epoch, steps_per_epoch=steps_per_epoch
-    )
-    return model, optimizer, scheduler, instantiate(cfg.loss)
+    scheduler = None
+    if cfg.scheduler and cfg.scheduler.get("_target_"):
+        scheduler = instantiate(cfg.scheduler, _convert_="all")(
+            optimizer, total_steps=steps_per_epoch, steps_per_epoch=steps_per_epoch
+        )
+    return model, optimizer, scheduler
+
+
+def hand_loss(model, batch) -> torch.Tensor:
+    """What a user writes by hand: cross-entropy on (x, y) or on token windows."""
+    if isinstance(batch, dict):
+        logits = model(batch["input_ids"])
+        logits = logits if isinstance(logits, torch.Tensor) else logits.logits
+        return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+    x, y = batch
+    return F.cross_entropy(model(x), y)
 
 
 def hand_loop(cfg, data, train_batches, val_batches) -> float:
-    model, optimizer, scheduler, loss_fn = build(cfg, data, len(train_batches))
+    model, optimizer, scheduler = build(cfg, data, len(train_batches))
+    clip = cfg.trainer.gradient_clip_val
     started = time.perf_counter()
     model.train()
-    for x, y in train_batches.epoch(0):
-        loss = loss_fn(model(x), y)
+    for batch in train_batches.epoch(0):
+        loss = hand_loss(model, batch)
         loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
     model.eval()
-    correct = torch.zeros((), dtype=torch.long)
+    total = torch.zeros(())
     with torch.inference_mode():
-        for x, y in val_batches.epoch(0):
-            correct += (model(x).argmax(1) == y).sum()
-    correct.item()
+        for batch in val_batches.epoch(0):
+            total += hand_loss(model, batch)
+    total.item()
     return time.perf_counter() - started
 
 
 def trainer_loop(cfg, data, workdir: Path) -> float:
-    train_len = len(data.batches("train"))
-    model, optimizer, scheduler, loss_fn = build(cfg, data, train_len)
+    train_len = len(data.batches("train", limit_batches=cfg.trainer.limit_train_batches))
+    model, optimizer, scheduler = build(cfg, data, train_len)
     logger = instantiate(cfg.logger, log_dir=str(workdir))
+    task = instantiate(cfg.task, loss=instantiate(cfg.loss), _convert_="all")
+    task.setup(model, torch.device("cpu"), getattr(data, "tokenizer", None))
     trainer = Trainer(
         cfg.trainer,
         model,
-        loss_fn,
+        task,
         optimizer,
         scheduler,
-        data,
+        split_batches(data, cfg.trainer, cfg.seed, SINGLE),
         torch.device("cpu"),
         max_steps=train_len,
-        logger=logger,
-        checkpoint_dir=workdir / "checkpoints",
+        files=CheckpointFiles.from_config(workdir / "checkpoints", cfg.checkpoint),
         checkpoint_cfg=cfg.checkpoint,
-        seed=cfg.seed,
-        run_config={"bench": True},
+        logger=logger,
+        extra_state={"config": {"bench": True}},
     )
     sink = _FakeTerminal()
     with contextlib.redirect_stderr(sink):
@@ -115,9 +136,15 @@ def main() -> None:
         )
     data = instantiate(cfg.data, _convert_="all")
     data.setup(torch.device("cpu"))
-    train_batches = data.batches("train", seed=cfg.seed)
-    val_batches = data.batches("val")
-    samples = len(train_batches) * cfg.data.batch_size
+    train_batches = data.batches(
+        "train", seed=cfg.seed, limit_batches=cfg.trainer.limit_train_batches
+    )
+    val_batches = data.batches("val", limit_batches=cfg.trainer.limit_val_batches)
+    # Samples, or tokens for a language model: what the task counts.
+    first = next(iter(train_batches.epoch(0)))
+    unit = "tokens" if isinstance(first, dict) else "samples"
+    per_batch = first["input_ids"].numel() if isinstance(first, dict) else len(first[1])
+    samples = len(train_batches) * per_batch
     print(
         f"model={cfg.model._target_.rsplit('.', 1)[-1]} batch={cfg.data.batch_size} "
         f"steps/epoch={len(train_batches)} threads={torch.get_num_threads()}"
@@ -140,12 +167,12 @@ def main() -> None:
         trainer_rates.append(samples / times["trainer"])
         ratios.append(times["hand"] / times["trainer"])
         print(
-            f"round {round_}: hand {hand_rates[-1]:8.0f} samples/s  "
-            f"trainer {trainer_rates[-1]:8.0f} samples/s  ratio {ratios[-1]:.3f}"
+            f"round {round_}: hand {hand_rates[-1]:8.0f} {unit}/s  "
+            f"trainer {trainer_rates[-1]:8.0f} {unit}/s  ratio {ratios[-1]:.3f}"
         )
     print(
-        f"median: hand {statistics.median(hand_rates):.0f} samples/s, "
-        f"trainer {statistics.median(trainer_rates):.0f} samples/s, "
+        f"median: hand {statistics.median(hand_rates):.0f} {unit}/s, "
+        f"trainer {statistics.median(trainer_rates):.0f} {unit}/s, "
         f"trainer/hand throughput ratio {statistics.median(ratios):.3f}"
     )
     sys.exit(0)

@@ -19,14 +19,22 @@ GROUPS = {
 }
 
 
+# Options that only make sense together with others (a task needs fitting data and model).
+LM_SYNTHETIC = ["data=synthetic", "data.kind=language_modeling", "task=language_modeling"]
+COMPANIONS: dict[str, list[str]] = {
+    "task=language_modeling": LM_SYNTHETIC[:2] + ["model=gpt"],
+}
+
+
 def test_every_group_has_options() -> None:
-    assert GROUPS["model"] == ["cnn", "hf_causal_lm", "mlp", "smollm2_135m_instruct"]
-    assert GROUPS["data"] == ["fashion_mnist", "mnist"]
+    assert {"cnn", "hf_causal_lm", "mlp", "smollm2_135m_instruct"} <= set(GROUPS["model"])
+    assert {"fashion_mnist", "mnist", "synthetic"} <= set(GROUPS["data"])
+    assert {"classification", "language_modeling"} <= set(GROUPS["task"])
     assert GROUPS["optimizer"] == ["adam", "adamw", "sgd"]
     assert GROUPS["scheduler"] == ["cosine", "none", "onecycle", "step"]
     assert set(GROUPS["trainer"]) == {"default", "debug"}
     assert set(GROUPS["logger"]) == {"none", "tensorboard"}
-    assert GROUPS["finetune"] == ["frozen_backbone", "full", "lora", "lora_lm", "none"]
+    assert {"frozen_backbone", "full", "lora", "lora_lm", "none"} <= set(GROUPS["finetune"])
 
 
 # Pre-trained language models need a tokenized text task: tests/models/test_hf.py.
@@ -43,8 +51,16 @@ LANGUAGE_MODELS = {"hf_causal_lm", "smollm2_135m_instruct"}
     ],
 )
 def test_each_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose_config([f"{group}={option}"], tmp_path)
+    cfg = compose_config([f"{group}={option}", *COMPANIONS.get(f"{group}={option}", [])], tmp_path)
     OmegaConf.resolve(cfg)  # every interpolation resolves
+    task = instantiate(cfg.task, loss=instantiate(cfg.loss))
+    if "shape" not in cfg.data:  # a language model: one real batch through the task
+        data = instantiate(cfg.data, _convert_="all")
+        data.setup(torch.device("cpu"))
+        batch = next(iter(data.batches("train").epoch(0)))
+        task.check_batch(batch)
+        assert task.training_loss(instantiate(cfg.model, _convert_="all"), batch).ndim == 0
+        return
     model = instantiate(cfg.model, _convert_="all")
     logits = model(torch.zeros(2, *cfg.data.shape))
     assert logits.shape == (2, cfg.data.num_classes)

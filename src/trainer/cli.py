@@ -68,12 +68,25 @@ def _eval(cfg: DictConfig) -> dict[str, float]:
 
 
 def train_main() -> None:
+    _import_from_working_folder()
     _give_non_main_ranks_a_scratch_dir()
     _run_reporting_user_errors(_train)
 
 
 def eval_main() -> None:
+    _import_from_working_folder()
     _run_reporting_user_errors(_eval)
+
+
+def _import_from_working_folder() -> None:
+    """`_target_: my_project.Model` finds the user's own file in the folder they run in,
+    as `python -m` would; spawned ranks inherit it through PYTHONPATH."""
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    paths = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    if cwd not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, *paths) if p)
 
 
 def _run_reporting_user_errors(hydra_main: Callable[[], Any]) -> None:

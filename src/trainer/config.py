@@ -22,7 +22,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 _MAX_DIRNAME = 200
 
 ACCELERATORS = ("auto", "cpu", "cuda", "mps")
-PRECISIONS = ("32", "bf16", "fp16")
+PRECISIONS = ("32", "bf16", "fp16", "auto")
 
 
 @dataclass
@@ -39,8 +39,8 @@ class TrainerConfig:
     # A collective waiting longer than this (a dead peer) fails instead of hanging.
     dist_timeout_s: float = 300.0
     strategy: str = "ddp"  # ddp | fsdp, when there is more than one process
-    precision: str = "32"  # 32 | bf16 | fp16 (fp16 needs CUDA)
-    max_epochs: int | None = 10
+    precision: str = "32"  # 32 | bf16 | fp16 (CUDA only) | auto (bf16 where native, else 32)
+    max_epochs: int | None = 5
     max_steps: int | None = None
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
@@ -52,8 +52,8 @@ class TrainerConfig:
     deterministic: bool = False
     log_every_n_steps: int = 50
     progress_bar: bool = True
-    monitor: str = "val/acc"
-    monitor_mode: str = "max"  # max | min
+    monitor: str = "${task.monitor}"
+    monitor_mode: str = "${task.monitor_mode}"  # max | min
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     # Stop once the monitored metric reaches this value (>= for max, <= for min).
     stop_at: float | None = None
@@ -90,8 +90,8 @@ class DataConfig:
     num_classes: int = 10
     val_size: int = 5000
     split_seed: int = 0
-    batch_size: int = 128
-    eval_batch_size: int = 1024
+    batch_size: int = 256
+    eval_batch_size: int = 1000
     mean: float = 0.0
     std: float = 1.0
     in_memory: bool = True
@@ -156,8 +156,9 @@ class TrainConfig:
     """The root of `train.yaml`; groups are composed into the `Any` slots."""
 
     model: Any = MISSING
-    data: DataConfig = MISSING
-    loss: Any = MISSING
+    data: Any = MISSING  # image sets are typed by their own schema (DataConfig)
+    task: Any = MISSING
+    loss: Any = None
     optimizer: Any = MISSING
     scheduler: Any = None
     trainer: TrainerConfig = MISSING
@@ -172,7 +173,7 @@ class TrainConfig:
     resume: str | None = None
     # Names the output dir (outputs/<run_id>, multirun/<run_id>) so a rerun finds it again.
     run_id: str | None = None
-    optimized_metric: str | None = "val/acc"
+    optimized_metric: str | None = "${trainer.monitor}"
     tags: list[str] = field(default_factory=list)
 
 

@@ -174,6 +174,9 @@ def _instantiation_error(error: BaseException) -> str | None:
         name = target.group(1) if target else "?"
         last_line = str(cause).strip().splitlines()[-1] if str(cause).strip() else ""
         return f"{section}._target_={name} cannot be imported: {last_line}"
+    if isinstance(cause, OSError) and cause.filename:
+        # A user's dataset or model reading a file that is not there (or not readable).
+        return f"{section}: cannot read {cause.filename} ({cause.strerror}); check the path"
     if isinstance(cause, TypeError) and cause.__traceback__ and cause.__traceback__.tb_next is None:
         # Raised by the call itself (bad arguments), not by code inside the target.
         return f"{section}: {_first_line(str(cause))}; check the keys under {section}"

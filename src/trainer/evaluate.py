@@ -19,15 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    import torch
-
     from trainer.checkpoint import load_checkpoint, load_model_state
-    from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
+    from trainer.evaluation import evaluate_model
     from trainer.finetune.export import build_model
-    from trainer.validation import check_model_fits_data, validate_eval_config
+    from trainer.runtime import autocast_context
+    from trainer.validation import (
+        check_model_fits_data,
+        check_task_fits,
+        is_image_data,
+        validate_eval_config,
+    )
 
     device = validate_eval_config(cfg)
-    precision = str(cfg.trainer.precision)
     state = load_checkpoint(cfg.ckpt_path, device)
     saved = state.get("config")
     if not saved or "model" not in saved or "data" not in saved:
@@ -36,19 +39,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     data_cfg = cfg.data if cfg.data is not None else saved.data
     model = build_model(OmegaConf.to_container(saved)).to(device)  # with LoRA adapters, if any
     load_model_state(model, state["model"], str(cfg.ckpt_path))
-    loss_fn = instantiate(saved.loss, _convert_="all")
-    check_model_fits_data(model, loss_fn, data_cfg, device)
+    loss_fn = instantiate(saved.loss, _convert_="all") if saved.get("loss") else None
+    # Checkpoints of the image-only trainer name no task: they were classification.
+    task_cfg = saved.get("task") or {"_target_": "trainer.tasks.classification.ClassificationTask"}
+    task = instantiate(task_cfg, loss=loss_fn, _convert_="all")
+    if is_image_data(data_cfg):
+        check_model_fits_data(model, task.loss, data_cfg, device)
     data = instantiate(data_cfg, _convert_="all")
     data.setup(device)
-    dtype = AUTOCAST_DTYPES[precision]
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
-    metrics = evaluate_model(
-        model,
-        data.batches(cfg.split),
-        loss_fn,
-        cfg.split,
-        **({"autocast": autocast} if autocast else {}),
-    )
+    if cfg.split == "test" and not getattr(data, "has_test", True):
+        raise CheckpointError(f"{type(data).__name__} has no test split; use split=val")
+    task.setup(model, device, getattr(data, "tokenizer", None))
+    batches = data.batches(cfg.split)
+    check_task_fits(task, model, batches, device)
+    autocast = autocast_context(str(cfg.trainer.precision), device)
+    metrics = evaluate_model(model, batches, task, cfg.split, autocast)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     record = {"ckpt_path": str(cfg.ckpt_path), "split": cfg.split, "metrics": metrics}

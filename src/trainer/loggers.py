@@ -15,7 +15,7 @@ class TensorBoardLogger:
         self.log_dir = Path(log_dir) / subdir
         self.purge_step: int | None = None
         self._writer = None
-        self._pending_text: list[tuple[str, str]] = []
+        self._pending_text: list[tuple[str, str, int]] = []
 
     @property
     def writer(self):
@@ -23,8 +23,8 @@ class TensorBoardLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(str(self.log_dir), purge_step=self.purge_step)
-            for tag, text in self._pending_text:
-                self._writer.add_text(tag, text, 0)
+            for tag, text, step in self._pending_text:
+                self._writer.add_text(tag, text, step)
             self._pending_text.clear()
         return self._writer
 
@@ -32,14 +32,14 @@ class TensorBoardLogger:
         for name, value in metrics.items():
             self.writer.add_scalar(name, value, step)
 
-    def log_text(self, tag: str, text: str) -> None:
+    def log_text(self, tag: str, text: str, step: int = 0) -> None:
         # Markdown code block keeps the YAML indentation in TensorBoard's text tab.
         # Held until the writer exists, so logging text never delays the first step.
         block = "```\n" + text + "\n```"
         if self._writer is None:
-            self._pending_text.append((tag, block))
+            self._pending_text.append((tag, block, step))
         else:
-            self._writer.add_text(tag, block, 0)
+            self._writer.add_text(tag, block, step)
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         """Write the HParams entry into this run's own event file.
@@ -68,4 +68,4 @@ class TensorBoardLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._pending_text: list[tuple[str, str]] = []
+        self._pending_text: list[tuple[str, str, int]] = []

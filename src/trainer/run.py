@@ -108,11 +108,12 @@ def _train(
     from trainer.distributed import broadcast_object
     from trainer.finetune import make_unfreezer, prepare_model
     from trainer.optim import build_optimizer
+    from trainer.provenance import provenance
     from trainer.pruning import pruning_callback
     from trainer.runtime import imported_in_background, seed_everything
     from trainer.strategies import make_strategy
     from trainer.trainer import Trainer
-    from trainer.validation import check_model_fits_data
+    from trainer.validation import check_model_fits_data, check_task_fits, is_image_data
 
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
@@ -125,8 +126,11 @@ def _train(
     model = instantiate(cfg.model, _convert_="all").to(device)
     # Fine-tuning changes the model (weights, adapters, frozen params) before anything sees it.
     prepared = prepare_model(model, cfg.finetune, resuming=resume_from is not None)
-    loss_fn = instantiate(cfg.loss, _convert_="all")
-    check_model_fits_data(model, loss_fn, cfg.data, device)
+    loss_fn = instantiate(cfg.loss, _convert_="all") if cfg.get("loss") else None
+    task = instantiate(cfg.task, loss=loss_fn, _convert_="all")
+    if is_image_data(cfg.data):
+        # Shapes are known before the data loads: a mismatch fails in a second.
+        check_model_fits_data(model, task.loss, cfg.data, device)
     if resume_from is not None:
         # A checkpoint of another model fails here, naming the keys, before data loads.
         state, source = resume_from
@@ -138,11 +142,8 @@ def _train(
     # import runs on a helper thread while this one reads and decodes the data.
     with imported_in_background("torch._dynamo"):
         data.setup(device)
-    train_batches = len(
-        data.batches(
-            "train", limit_batches=cfg.trainer.limit_train_batches, world_size=ctx.world_size
-        )
-    )
+    batches = split_batches(data, cfg.trainer, cfg.seed, ctx)
+    train_batches = len(batches.train)
     if train_batches == 0:
         raise ConfigError(
             f"data.batch_size={cfg.data.batch_size} is larger than the training set; lower it"
@@ -151,8 +152,13 @@ def _train(
     max_steps = cfg.trainer.max_steps or math.inf
     if cfg.trainer.max_epochs:
         max_steps = min(max_steps, cfg.trainer.max_epochs * steps_per_epoch)
+    tokenizer = getattr(data, "tokenizer", None)
+    task.setup(model, device, tokenizer)  # a preference task takes its reference model here
+    # One real batch through the task: data the task cannot use, or a model that does
+    # not fit it, fails now in one line rather than at step 1.
+    check_task_fits(task, model, batches.train, device)
     strategy = make_strategy(cfg.trainer.strategy, ctx)
-    wrapped_model = strategy.wrap(model)  # before the optimizer: FSDP swaps in sharded params
+    strategy.attach(model)  # before the optimizer: FSDP swaps in sharded params
     if ctx.enabled:
         # Every rank built the same weights (FSDP shards them as they are); from here
         # on each rank draws its own dropout masks.
@@ -179,32 +185,34 @@ def _train(
     unfreezer = make_unfreezer(
         model, prepared, cfg.finetune, optimizer, scheduler, weight_decay, base_lr
     )
+    run_provenance = provenance(cfg, device, ctx.world_size)
     logger = None
     if cfg.logger.get("_target_") and ctx.is_main:
         logger = instantiate(cfg.logger, log_dir=str(output_dir), _convert_="all")
         if resume_from is None:
             logger.log_text("config", OmegaConf.to_yaml(cfg, resolve=True))
+            logger.log_text("provenance", json.dumps(run_provenance, indent=2))
 
+    extra_state: dict[str, Any] = {"config": OmegaConf.to_container(cfg, resolve=True)}
+    if tokenizer is not None:
+        extra_state["tokenizer"] = tokenizer.state_dict()
     trainer = Trainer(
         cfg.trainer,
         model,
-        loss_fn,
+        task,
         optimizer,
         scheduler,
-        data,
+        batches,
         device,
         max_steps=int(max_steps),
-        logger=logger,
-        checkpoint_dir=output_dir / cfg.checkpoint.dirname,
-        checkpoint_cfg=cfg.checkpoint,
-        seed=cfg.seed,
-        run_config=OmegaConf.to_container(cfg, resolve=True),
-        preemption=preemption,
-        dist=ctx,
         strategy=strategy,
-        wrapped_model=wrapped_model,
+        files=CheckpointFiles.from_config(output_dir / cfg.checkpoint.dirname, cfg.checkpoint),
+        checkpoint_cfg=cfg.checkpoint,
+        logger=logger,
+        preemption=preemption,
         unfreezer=unfreezer,
         callbacks=[c for c in (pruning_callback(job, ctx),) if c],
+        extra_state=extra_state,
     )
     if resume_from is not None:
         state, source = resume_from
@@ -249,6 +257,7 @@ def _train(
         "overrides": list(job.overrides),
         "world_size": ctx.world_size,
         "job_num": job.num,
+        "provenance": run_provenance,
     }
     if ctx.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -261,6 +270,21 @@ def _train(
         logger.close()
     log.info("results: %s", json.dumps(results["metrics"]))
     return optimized_value(cfg, results["metrics"])
+
+
+def split_batches(data: Any, trainer_cfg: DictConfig, seed: int, ctx: Any) -> Any:
+    """This rank's batches of every split the data has."""
+    from trainer.trainer import SplitBatches
+
+    shard = {"rank": ctx.rank, "world_size": ctx.world_size}
+    train = data.batches("train", seed=seed, limit_batches=trainer_cfg.limit_train_batches, **shard)
+    val = (
+        data.batches("val", limit_batches=trainer_cfg.limit_val_batches, **shard)
+        if data.val_size
+        else None
+    )
+    test = data.batches("test", **shard) if getattr(data, "has_test", True) else None
+    return SplitBatches(train, val, test, data.batch_size * ctx.world_size, seed)
 
 
 def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> float | None:
@@ -333,8 +357,9 @@ def job_num() -> int | None:
 def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """The overrides, flattened, plus the few settings every run should show."""
     values: dict[str, Any] = {
-        "model": cfg.model._target_.rsplit(".", 1)[-1],
-        "data": cfg.data.name,
+        "model": _short_target(cfg.model),
+        "data": cfg.data.get("name") or _short_target(cfg.data.get("dataset") or cfg.data),
+        "task": _short_target(cfg.task),
         "optimizer": cfg.optimizer._target_.rsplit(".", 1)[-1],
         "optimizer.lr": cfg.optimizer.lr,
         "data.batch_size": cfg.data.batch_size,
@@ -347,6 +372,10 @@ def hparams(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         if not key.startswith("hydra.") and not key.startswith("paths."):
             values[key] = _parse_scalar(value)
     return values
+
+
+def _short_target(section: Any) -> str:
+    return str(section.get("_target_") or "?").rsplit(".", 1)[-1]
 
 
 def _parse_scalar(text: str) -> Any:

@@ -6,8 +6,8 @@ import importlib
 import os
 import random
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
@@ -34,6 +34,36 @@ def select_device(accelerator: str) -> torch.device:
             "trainer.accelerator=mps but MPS is not available; use trainer.accelerator=auto or cpu"
         )
     return torch.device(accelerator)
+
+
+AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bf16 autocast pays off: a CUDA GPU with bf16, or a CPU with AVX512-BF16/AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        # Without native bf16 instructions oneDNN emulates it, slower than fp32.
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` is bf16 where the device runs it natively, else 32; the rest as given."""
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "32"
+    return precision
+
+
+def autocast_context(
+    precision: str, device: torch.device
+) -> Callable[[], AbstractContextManager[object]]:
+    """A factory of the autocast context for `precision` (a no-op for 32)."""
+    dtype = AUTOCAST_DTYPES[resolve_precision(precision, device)]
+    if dtype is None:
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=dtype)
 
 
 def check_precision(precision: str, device: torch.device) -> None:

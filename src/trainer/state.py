@@ -9,7 +9,10 @@ logger's step. Restored, a run continues bit for bit as if it had never stopped.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
+
+import torch
 
 from trainer.checkpoint import capture_rng, restore_rng
 from trainer.distributed import gather_rng_states
@@ -50,20 +53,43 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
             "bad_validations": trainer.bad_validations,
             "last_val": trainer.last_val,
             "stop_reason": saved_stop_reason(trainer),
-            "validated_at_step": trainer._validated_at_step,
+            "validated_at_step": trainer.validated_at_step,
             "nan_guard": trainer.nan_guard.state_dict(),
             "max_steps": trainer.max_steps,
         },
         # The running sums of the current logging interval, so its point matches.
-        "meters": {
-            "loss_sum": trainer._loss_sum,
-            "loss_batches": trainer._loss_batches,
-            "samples": trainer._samples,
-            "lr": trainer._lr,
-        },
+        "meters": trainer.meters.state_dict(),
         "logger": {"global_step": trainer.global_step},
-        "config": trainer.run_config,
+        # The run's config, the tokenizer: plain data that travels with the weights.
+        **trainer.extra_state,
     }
+
+
+class TrainMeters:
+    """The running sums of the current logging interval, kept on the device."""
+
+    def __init__(self, device: torch.device, lr: float) -> None:
+        self.device, self.lr = device, lr  # lr: the one the last step used
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.batches, self.units = 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, batches: int, units: int) -> None:
+        self.loss_sum += loss_sum
+        self.batches += batches
+        self.units += units
+
+    def state_dict(self) -> dict[str, Any]:
+        # "samples" is the key checkpoints of the image-only trainer used for units.
+        return {"loss_sum": self.loss_sum, "loss_batches": self.batches, "samples": self.units,
+                "lr": self.lr}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loss_sum = state["loss_sum"].to(self.device)
+        self.batches, self.units, self.lr = state["loss_batches"], state["samples"], state["lr"]
 
 
 def saved_stop_reason(trainer: Trainer) -> str | None:
@@ -80,7 +106,7 @@ def state_key(trainer: Trainer) -> tuple:
         trainer.global_step,
         trainer.epoch,
         trainer.batch_in_epoch,
-        trainer._validated_at_step,
+        trainer.validated_at_step,
         saved_stop_reason(trainer),
     )
 
@@ -96,7 +122,7 @@ def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) ->
         )
     _check_same_layout(trainer, state, source)
     trainer.strategy.load_model(trainer.model, state["model"], source)
-    trainer._unfreeze(state["epoch"])  # the saved optimizer has the unfrozen groups too
+    trainer.unfreeze(state["epoch"])  # the saved optimizer has the unfrozen groups too
     trainer.strategy.load_optimizer(trainer.model, trainer.optimizer, state["optimizer"])
     if trainer.scheduler is not None and state.get("scheduler"):
         trainer.scheduler.load_state_dict(state["scheduler"])
@@ -113,14 +139,11 @@ def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) ->
     trainer.last_val = dict(history["last_val"])
     # Format 1 checkpoints were written at epoch ends only: no meters or counters.
     trainer.stop_reason = history.get("stop_reason")
-    trainer._validated_at_step = history.get("validated_at_step", -1)
+    trainer.validated_at_step = history.get("validated_at_step", -1)
     if "nan_guard" in history:
         trainer.nan_guard.load_state_dict(history["nan_guard"])
     if "meters" in state:
-        meters = state["meters"]
-        trainer._loss_sum = meters["loss_sum"].to(trainer.device)
-        trainer._loss_batches, trainer._samples = meters["loss_batches"], meters["samples"]
-        trainer._lr = meters["lr"]
+        trainer.meters.load_state_dict(state["meters"])
     order = state.get("data_order", {})
     if order and (order["seed"], order["batches_per_epoch"]) != (
         trainer.seed,

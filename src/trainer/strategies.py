@@ -26,6 +26,12 @@ class SingleProcess:
 
     def __init__(self, ctx: DistContext = SINGLE) -> None:
         self.ctx = ctx
+        self.wrapped: nn.Module | None = None  # what attach() made of the model
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Wrap `model` for this strategy and keep the result: the strategy owns it."""
+        self.wrapped = self.wrap(model)
+        return self.wrapped
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model

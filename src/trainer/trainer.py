@@ -13,12 +13,12 @@ bit for bit as if it had never stopped.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +28,29 @@ from tqdm import tqdm
 
 from trainer.checkpoint import load_checkpoint
 from trainer.config import plain_config
-from trainer.distributed import SINGLE, DistContext, all_reduce_sum, barrier
+from trainer.distributed import all_reduce_sum, barrier
 from trainer.errors import ConfigError, Preempted
-from trainer.evaluation import AUTOCAST_DTYPES, evaluate_model
+from trainer.evaluation import evaluate_model
 from trainer.nan_guard import NanGuard
 from trainer.preemption import PreemptionHandler
 from trainer.resume import CheckpointFiles
-from trainer.state import load_training_state, state_key, training_state
+from trainer.runtime import AUTOCAST_DTYPES, autocast_context, resolve_precision
+from trainer.state import TrainMeters, load_training_state, state_key, training_state
 from trainer.strategies import SingleProcess
+from trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SplitBatches:
+    """The batch iterators of one run, as this rank sees them."""
+
+    train: Any
+    val: Any | None
+    test: Any | None
+    global_batch: int  # samples per optimizer micro-step over all ranks
+    seed: int  # the training order is a function of (seed, epoch, batch)
 
 
 class Trainer:
@@ -45,63 +58,48 @@ class Trainer:
         self,
         cfg: Any,
         model: nn.Module,
-        loss_fn: nn.Module,
+        task: Task,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
-        data: Any,
+        batches: SplitBatches,
         device: torch.device,
         max_steps: int,
-        logger: Any = None,
-        checkpoint_dir: str | Path | None = None,
-        checkpoint_cfg: Any = None,
-        seed: int = 0,
-        run_config: dict | None = None,
-        preemption: PreemptionHandler | None = None,
-        dist: DistContext = SINGLE,
         strategy: SingleProcess | None = None,
-        wrapped_model: nn.Module | None = None,
+        files: CheckpointFiles | None = None,
+        checkpoint_cfg: Any = None,
+        logger: Any = None,
+        preemption: PreemptionHandler | None = None,
         unfreezer: Callable[[int], bool] | None = None,
         callbacks: list[Any] | None = None,
+        extra_state: dict[str, Any] | None = None,
     ) -> None:
         # Plain objects, not DictConfigs: their attribute reads cost microseconds per step.
         cfg, checkpoint_cfg = plain_config(cfg), plain_config(checkpoint_cfg)
-        self.cfg, self.device, self.max_steps, self.dist = cfg, device, max_steps, dist
-        # `model` is the plain module (its names are checkpoint keys); `wrapped_model` is
-        # what the strategy made of it (DDP / FSDP), and compile goes around that.
-        self.model, self.strategy = model, strategy or SingleProcess(dist)
-        self.wrapped_model = wrapped_model or model
+        self.cfg, self.device, self.max_steps = cfg, device, max_steps
+        # `model` is the plain module (its names are checkpoint keys); the strategy owns
+        # what it made of it (DDP / FSDP), and compile goes around that.
+        self.model, self.task = model, task
+        self.strategy = strategy or SingleProcess()
+        self.dist = self.strategy.ctx
+        self.wrapped_model = self.strategy.wrapped or model
         self.forward_model = (
             torch.compile(self.wrapped_model) if cfg.compile else self.wrapped_model
         )
-        self.loss_fn, self.optimizer, self.scheduler = loss_fn, optimizer, scheduler
-        self.logger, self.run_config = logger, run_config
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.logger = logger
+        # Plain data saved with every checkpoint as is: the run's config, the tokenizer.
+        self.extra_state = dict(extra_state or {})
         # Objects with on_validation_end(trainer, metrics); one may set trainer.stop_reason.
         self.callbacks = list(callbacks or [])
-        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-        self.checkpoint_cfg = checkpoint_cfg
-        self.files = (
-            CheckpointFiles.from_config(checkpoint_dir, checkpoint_cfg)
-            if checkpoint_dir and checkpoint_cfg
-            else None
-        )
+        self.files, self.checkpoint_cfg = files, checkpoint_cfg
+        self.checkpoint_dir = files.folder if files is not None else None
         self.preemption = preemption or PreemptionHandler()
-        self.nan_guard = NanGuard(cfg.nan_policy, cfg.max_consecutive_nan, device, dist)
-        self.seed = seed
-        shard = {"rank": dist.rank, "world_size": dist.world_size}
-        self.train_batches = data.batches(
-            "train", seed=seed, limit_batches=cfg.limit_train_batches, **shard
-        )
-        self.val_batches = (
-            data.batches("val", limit_batches=cfg.limit_val_batches, **shard)
-            if data.val_size
-            else None
-        )
-        self.test_batches = data.batches("test", **shard)
-        self.global_batch = data.batch_size * dist.world_size
-        dtype = AUTOCAST_DTYPES[str(cfg.precision)]
-        self.autocast = (
-            (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
-        )
+        self.nan_guard = NanGuard(cfg.nan_policy, cfg.max_consecutive_nan, device, self.dist)
+        self.seed = batches.seed
+        self.train_batches, self.val_batches = batches.train, batches.val
+        self.test_batches, self.global_batch = batches.test, batches.global_batch
+        self.autocast = autocast_context(str(cfg.precision), device)
+        dtype = AUTOCAST_DTYPES[resolve_precision(str(cfg.precision), device)]
         # Loss scaling only matters for fp16; disabled, the scaler is a pass-through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self.accumulate = cfg.accumulate_grad_batches
@@ -116,9 +114,8 @@ class Trainer:
         self.best_epoch, self.best_step, self.bad_validations = -1, -1, 0
         self.stop_reason: str | None = None
         self.last_val: dict[str, float] = {}
-        self._validated_at_step = -1
-        self._lr = optimizer.param_groups[0]["lr"]
-        self._reset_train_meters()
+        self.validated_at_step = -1
+        self.meters = TrainMeters(device, optimizer.param_groups[0]["lr"])
         self._saved_key: tuple | None = None
         self._best_key: tuple | None = None
         self._saved_path: Path | None = None
@@ -135,7 +132,7 @@ class Trainer:
                 self._train_epoch()
                 if self.batch_in_epoch >= len(self.train_batches):
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-                    self._unfreeze(self.epoch)
+                    self.unfreeze(self.epoch)
                     self._log({"train/epoch_time_s": time.perf_counter() - epoch_started})
                     if self.epoch % self.cfg.val_every_n_epochs == 0:
                         self._validate()
@@ -180,16 +177,15 @@ class Trainer:
         )
         # The micro-batches of one optimizer step: their loss joins the meters only
         # once the step is taken, so a skipped or failed step leaves no trace.
-        window_loss, window_batches, window_samples, bad_at = None, 0, 0, None
-        for x, y in batches.epoch(self.epoch, self.batch_in_epoch):
+        window_loss, window_batches, window_units, bad_at = None, 0, 0, None
+        for batch in batches.epoch(self.epoch, self.batch_in_epoch):
             # Under DDP/FSDP only the micro-batch that steps all-reduces its gradients.
             stepping = (self.batch_in_epoch + 1) % self.accumulate == 0 or (
                 self.batch_in_epoch + 1 == len(batches)
             )
             with self.strategy.grad_sync(self.wrapped_model, stepping):
                 with self.autocast():
-                    logits = self.forward_model(x)
-                    loss = self.loss_fn(logits, y)
+                    loss = self.task.training_loss(self.forward_model, batch)
                 if bad_at is None and self.nan_guard.observe(loss, self.global_step + 1):
                     bad_at = (
                         f"step {self.global_step + 1} "
@@ -205,7 +201,8 @@ class Trainer:
                     self.scaler.scale(scaled).backward()
             if bad_at is None:
                 window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
-                window_batches, window_samples = window_batches + 1, window_samples + len(y)
+                window_batches += 1
+                window_units += self.task.batch_units(batch)
             self.batch_in_epoch += 1
             bar.update(1)
             last_of_epoch = self.batch_in_epoch == len(batches)
@@ -217,19 +214,17 @@ class Trainer:
                     saved = self.save_last(wait=True)
                     raise self.nan_guard.error(None, self.global_step, saved)
             else:
-                self._loss_sum += window_loss
-                self._loss_batches += window_batches
-                self._samples += window_samples
+                self.meters.add(window_loss, window_batches, window_units)
                 self._optimizer_step()
                 self._after_step(bar, last_of_epoch)
-            window_loss, window_batches, window_samples, bad_at = None, 0, 0, None
+            window_loss, window_batches, window_units, bad_at = None, 0, 0, None
             preempted = self._preempted()
             if preempted and not last_of_epoch:
                 self.save_last()
             if preempted or self.stop_reason or self.global_step >= self.max_steps:
                 break
         # A preempted run saved mid-interval meters: the resumed run logs this point.
-        if self._loss_batches and not self.preemption.agreed:
+        if self.meters.batches and not self.preemption.agreed:
             self._log_train(bar)
         bar.close()
 
@@ -237,7 +232,7 @@ class Trainer:
         exchange = at_boundary or self.global_step % self.cfg.log_every_n_steps == 0
         return self.preemption.agree(self.dist, self.device, exchange)
 
-    def _unfreeze(self, epoch: int) -> None:
+    def unfreeze(self, epoch: int) -> None:
         # Before any checkpoint of `epoch`, so saved optimizer states include the new groups.
         if self.unfreezer is not None and self.unfreezer(epoch):
             self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -250,7 +245,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.nan_guard.consecutive = 0
-        self._lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
+        self.meters.lr = self.optimizer.param_groups[0]["lr"]  # the lr this step used
         if self.scheduler is not None:
             self.scheduler.step()
         self.global_step += 1
@@ -284,30 +279,28 @@ class Trainer:
             raise error
 
     # ------------------------------------------------------------- metrics
-    def _reset_train_meters(self) -> None:
-        self._loss_sum = torch.zeros((), device=self.device)
-        self._loss_batches, self._samples = 0, 0
-        self._meter_started = time.perf_counter()
-
     def _log_train(self, bar: tqdm) -> None:
         """The one host sync of a logging interval."""
         self._check_recorded_nonfinite()
-        mean_loss = all_reduce_sum(self._loss_sum / max(self._loss_batches, 1), self.dist)
+        meters = self.meters
+        mean_loss = all_reduce_sum(meters.loss_sum / max(meters.batches, 1), self.dist)
         loss = mean_loss.item() / self.dist.world_size
-        elapsed = max(time.perf_counter() - self._meter_started, 1e-9)
-        rate = self._samples * self.dist.world_size / elapsed
-        lr = self._lr
-        metrics = {"train/loss": loss, "train/lr": lr, "train/samples_per_s": rate}
+        elapsed = max(time.perf_counter() - meters.started, 1e-9)
+        rate = meters.units * self.dist.world_size / elapsed
+        unit, lr = self.task.unit, meters.lr
+        metrics = {"train/loss": loss, "train/lr": lr, f"train/{unit}_per_s": rate}
         if self.nan_guard.policy == "skip":
             metrics["train/nan_skipped"] = self.nan_guard.skipped
+        for name, value in self.task.train_metrics().items():
+            metrics[f"train/{name}"] = float(value)
         self._log(metrics)
         if bar.disable:
             where = f"epoch {self.epoch} step {self.global_step} "
             where += f"({self.batch_in_epoch}/{len(self.train_batches)})"
-            log.info("%s: loss %.4f lr %.3g %.0f samples/s", where, loss, lr, rate)
+            log.info("%s: loss %.4f lr %.3g %.0f %s/s", where, loss, lr, rate, unit)
         else:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", sps=f"{rate:.0f}", refresh=False)
-        self._reset_train_meters()
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", rate=f"{rate:.0f}", refresh=False)
+        meters.reset()
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.logger is not None:
@@ -315,18 +308,19 @@ class Trainer:
 
     def evaluate(self, batches: Any, prefix: str) -> dict[str, float]:
         return evaluate_model(
-            self.forward_model, batches, self.loss_fn, prefix, self.autocast, self.dist
+            self.forward_model, batches, self.task, prefix, self.autocast, self.dist
         )
 
     # ---------------------------------------------------------- validation
     def _validate(self) -> None:
-        if self.val_batches is None or self._validated_at_step == self.global_step:
+        if self.val_batches is None or self.validated_at_step == self.global_step:
             return
-        self._validated_at_step = self.global_step
+        self.validated_at_step = self.global_step
         self._check_recorded_nonfinite()
         metrics = self.evaluate(self.val_batches, "val")
         self.last_val = metrics
         self._log(metrics)
+        self._log_samples()
         log.info(
             "epoch %d step %d: %s",
             self.epoch,
@@ -368,8 +362,20 @@ class Trainer:
         for callback in self.callbacks:
             callback.on_validation_end(self, metrics)
 
+    def _log_samples(self) -> None:
+        """What the model writes now (a language model's sample), for TensorBoard's Text tab.
+
+        Rank 0 alone runs the plain module, so no collective is involved; a sharded
+        (FSDP) model has no whole copy on one rank and shows none."""
+        if self.logger is None or not self.dist.is_main or self.strategy.name == "fsdp":
+            return
+        for tag, text in self.task.samples(self.model).items():
+            self.logger.log_text(tag, text, self.global_step)
+
     def test(self) -> dict[str, float]:
         """Test the best checkpoint's weights (the current weights if there is none)."""
+        if self.test_batches is None:
+            return {}
         self.wait_for_checkpoints()
         barrier(self.dist)  # rank 0 wrote best.pt; every rank reads it
         best = self.checkpoint_dir / "best.pt" if self.checkpoint_dir else None

@@ -33,15 +33,14 @@ from trainer.errors import CheckpointError, ConfigError
 if TYPE_CHECKING:
     import torch
 
-VAL_METRICS = ("val/loss", "val/acc")
-TEST_METRICS = ("test/loss", "test/acc")
 # Spellings other frameworks use for the precisions this trainer has.
 PRECISION_ALIASES = {
     "16": "fp16", "16-mixed": "fp16", "fp16-mixed": "fp16", "half": "fp16",
     "bf16-mixed": "bf16", "bfloat16": "bf16", "32-true": "32", "fp32": "32", "float32": "32",
 }  # fmt: skip
 # Keys a section's target gets from the code, not from the config.
-SUPPLIED_ARGS = {"logger": {"log_dir"}}
+SUPPLIED_ARGS = {"logger": {"log_dir"}, "task": {"loss"}}
+IMAGE_DATA_TARGET = "trainer.data.datamodule.ImageClassificationData"
 
 
 def validate_train_config(cfg: DictConfig) -> torch.device:
@@ -53,17 +52,19 @@ def validate_train_config(cfg: DictConfig) -> torch.device:
     ):
         check_known_keys(cfg[section], schema, section)
     check_trainer_config(cfg.trainer)
-    check_data_config(cfg.data)
-    check_metrics(cfg)
+    if is_image_data(cfg.data):
+        check_data_config(cfg.data)
     check_optimizer_config(cfg.optimizer)
     check_checkpoint_config(cfg.checkpoint)
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     if cfg.ckpt_path:
         check_checkpoint_path(cfg.ckpt_path)
     # From here on targets are imported, and with them torch.
-    for section in ("model", "data", "loss", "optimizer", "scheduler", "logger"):
+    for section in ("model", "data", "task", "loss", "optimizer", "scheduler", "logger"):
         check_target_arguments(cfg.get(section), section)
-    check_dataset_name(cfg.data)
+    check_metrics(cfg)
+    if is_image_data(cfg.data):
+        check_dataset_name(cfg.data)
     return check_device(cfg.trainer)
 
 
@@ -126,6 +127,8 @@ def check_target_arguments(section_cfg: Any, name: str) -> None:
                 f"{name}.{key} is not an argument of {target_name}"
                 f"{did_you_mean(f'{name}.{key}', choices)}; it takes: {', '.join(accepted)}"
             )
+    for key in keys:  # nested objects: a user's dataset inside data, a collate_fn, ...
+        check_target_arguments(section_cfg.get(key), f"{name}.{key}")
     if section_cfg.get("_partial_"):
         return  # the code passes the rest (params, optimizer, ...) later
     supplied = set(keys) | SUPPLIED_ARGS.get(name, set())
@@ -205,14 +208,23 @@ def check_data_config(data_cfg: Any) -> None:
         raise ConfigError(f"data.download_timeout={data_cfg.download_timeout} must be > 0")
 
 
+def task_metrics(task_cfg: Any, split: str) -> list[str]:
+    """The metrics the task reports for `split`, read from its class (nothing is built)."""
+    from hydra.utils import get_object
+
+    names = getattr(get_object(task_cfg._target_), "metric_names", ("loss",))
+    return [f"{split}/{name}" for name in names]
+
+
 def check_metrics(cfg: DictConfig) -> None:
     """The monitored and the optimized metric are ones this run will produce."""
-    has_val = cfg.data.val_size > 0
+    has_val = bool(cfg.data.get("val_size", 1))
+    val_metrics, test_metrics = task_metrics(cfg.task, "val"), task_metrics(cfg.task, "test")
     monitor = cfg.trainer.monitor
-    if monitor not in VAL_METRICS:
+    if monitor not in val_metrics:
         raise ConfigError(
-            f"trainer.monitor={monitor!r} is not a validation metric; choose one of "
-            f"{', '.join(VAL_METRICS)}{did_you_mean(str(monitor), VAL_METRICS, cutoff=0.6)}"
+            f"trainer.monitor={monitor!r} is not a validation metric of the task; choose one of "
+            f"{', '.join(val_metrics)}{did_you_mean(str(monitor), val_metrics, cutoff=0.6)}"
         )
     stopping = cfg.trainer.early_stopping.patience is not None or cfg.trainer.stop_at is not None
     if stopping and not has_val:
@@ -224,14 +236,14 @@ def check_metrics(cfg: DictConfig) -> None:
     if not name:
         return
     produced = [
-        *(VAL_METRICS if has_val else ()),
-        *(TEST_METRICS if cfg.trainer.test_after_fit else ()),
+        *(val_metrics if has_val else ()),
+        *(test_metrics if cfg.trainer.test_after_fit else ()),
     ]
     if name not in produced:
         why = ""
-        if name in VAL_METRICS:
+        if name in val_metrics:
             why = " (data.val_size=0: no validation)"
-        elif name in TEST_METRICS:
+        elif name in test_metrics:
             why = " (trainer.test_after_fit=false: no test)"
         raise ConfigError(
             f"optimized_metric={name!r} is not a result of this run{why}; choose one of "
@@ -326,6 +338,36 @@ def check_model_fits_data(
         raise ConfigError(
             f"the model does not fit the data: one sample of data.shape={shape} fails in "
             f"{type(model).__name__}{model_says}: {_first_line(e)}"
+        ) from None
+    finally:
+        model.train(was_training)
+
+
+def is_image_data(data_cfg: Any) -> bool:
+    """The built-in image sets, whose shapes are known before any file is read."""
+    return data_cfg.get("_target_") == IMAGE_DATA_TARGET
+
+
+def check_task_fits(task: Any, model: torch.nn.Module, batches: Any, device: torch.device) -> None:
+    """The first training batch is one the task can use, and the model runs on it.
+
+    Weights, batch-norm statistics and the RNG are untouched: eval mode, no grad."""
+    import torch
+
+    try:
+        batch = next(iter(batches.epoch(0)))
+    except StopIteration:
+        return
+    task.check_batch(batch)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            task.eval_sums(model, batch)
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as e:
+        raise ConfigError(
+            f"{type(model).__name__} does not fit {type(task).__name__}: one batch of the data "
+            f"fails in the dry forward: {_first_line(e)}"
         ) from None
     finally:
         model.train(was_training)

@@ -158,3 +158,53 @@ class LoaderBatches:
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             yield self.normalize(x), y
+
+
+class BatchPlan:
+    """Which samples each batch of an epoch holds, on this rank: the order function alone.
+
+    The same rule as InMemoryBatches (one global batch per step, split into
+    disjoint rank chunks), over indices, for data that is not a pair of tensors.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        limit_batches: int | None = None,
+    ) -> None:
+        self.num_samples, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch = batch_size * world_size
+        num = (
+            num_samples // self.global_batch if drop_last else -(-num_samples // self.global_batch)
+        )
+        self.num_batches = min(num, limit_batches) if limit_batches else num
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[torch.Tensor]:
+        """This rank's sample indices for each batch from `start_batch` on."""
+        order = epoch_permutation(self.num_samples, self.seed, epoch) if self.shuffle else None
+        for b in range(start_batch, self.num_batches):
+            lo = b * self.global_batch
+            hi = min(lo + self.global_batch, self.num_samples)
+            chunk = torch.arange(lo, hi).tensor_split(self.world_size)[self.rank]
+            yield chunk if order is None else order[chunk]
+
+
+def to_device(batch: object, device: torch.device) -> object:
+    """A batch of any structure (tensor, tuple, list, dict) moved to `device` as a whole."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(value, device) for value in batch)
+    return batch

@@ -23,16 +23,19 @@ SPECS: dict[str, DatasetSpec] = {spec.name: spec for spec in (MNIST, FASHION_MNI
 
 
 class ImageClassificationData:
+    has_test = True
+    tokenizer = None
+
     def __init__(
         self,
         name: str,
         data_dir: str,
         shape: Sequence[int],
         num_classes: int,
+        batch_size: int,
+        eval_batch_size: int,
         val_size: int = 5000,
         split_seed: int = 0,
-        batch_size: int = 128,
-        eval_batch_size: int = 1000,
         mean: float = 0.0,
         std: float = 1.0,
         in_memory: bool = True,

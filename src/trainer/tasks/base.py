@@ -32,9 +32,17 @@ class Task:
     """
 
     unit: str = "samples"
+    # What eval_metrics returns, known before anything is built (config checks read it).
+    metric_names: tuple[str, ...] = ("loss",)
+    # What eval_sums returns, in order (an empty shard contributes zeros of this length).
+    sum_names: tuple[str, ...] = ("loss_sum", "count")
 
-    def __init__(self, monitor: str = "val/loss", monitor_mode: str = "min") -> None:
+    def __init__(
+        self, monitor: str = "val/loss", monitor_mode: str = "min", loss: nn.Module | None = None
+    ) -> None:
         self.monitor, self.monitor_mode = monitor, monitor_mode
+        # The `loss` config group, for tasks where one applies.
+        self.loss = loss
 
     def setup(self, model: nn.Module, device: torch.device, tokenizer: Any = None) -> None:
         """Called once the model is built and on its device, before training.
@@ -57,6 +65,9 @@ class Task:
     def eval_metrics(self, sums: list[float]) -> dict[str, float]:
         """Metric values (names without the split prefix) from the summed totals."""
         raise NotImplementedError
+
+    def check_batch(self, batch: Any) -> None:
+        """Raise a DataError naming what the batch is and what this task expects."""
 
     def train_metrics(self) -> dict[str, torch.Tensor]:
         """Extra training scalars accumulated since the last call (e.g. an MoE
