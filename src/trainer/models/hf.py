@@ -31,12 +31,14 @@ def default_cache_dir() -> Path:
 def require_lm_extra(what: str) -> None:
     try:
         import peft  # noqa: F401
-        import transformers  # noqa: F401
+        import transformers
     except ImportError as e:
         raise ConfigError(
             f"{what} needs the language-model extra ({e.name} is not installed); "
             'run pip install -e ".[lm]"'
         ) from None
+    # Per-tensor loading bars on stderr would bury the run's own log (and a one-line error).
+    transformers.utils.logging.disable_progress_bar()
 
 
 def resolve_pretrained(
