@@ -96,3 +96,13 @@ def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
         )
 
     return fill
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer LlamaForCausalLM folder with a BPE tokenizer and chat template."""
+    pytest.importorskip("transformers")
+    from trainer.models.tiny_llama import build_tiny_llama
+
+    text = (DATA_DIR / "tinyshakespeare" / "input.txt").read_text()[:20000]
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), text)

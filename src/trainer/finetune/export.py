@@ -3,6 +3,12 @@
 LoRA adapters are merged, so the export holds plain weights under the names of
 the plain model: `finetune.init_from=<out>/model.safetensors` loads it into a
 model built from `model.yaml`.
+
+A Hugging Face model (`model=hf_causal_lm`) exports as a transformers folder
+(`save_pretrained`: config, safetensors, tokenizer, chat template), which
+`AutoModelForCausalLM.from_pretrained(<out>)` loads and `model.name_or_path=<out>`
+trains further; its LoRA adapters are also saved unmerged in peft's format
+under `<out>/adapter` (`PeftModel.from_pretrained(base, <out>/adapter)`).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from torch import nn
 
 from trainer.checkpoint import load_checkpoint, load_model_state
 from trainer.errors import CheckpointError, UserError
-from trainer.finetune.lora import apply_lora, merge_lora
+from trainer.finetune.lora import apply_lora, has_lora, merge_lora, save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +56,11 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path | None = None) 
         raise CheckpointError(f"{ckpt_path} does not record the model config it was trained with")
     model = build_model(run_config)
     load_model_state(model, state["model"], str(ckpt_path))
-    merge_lora(model.eval())
     out_dir = Path(out_dir) if out_dir else ckpt_path.parent / f"{ckpt_path.stem}_export"
     out_dir.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        return _export_pretrained(model.eval(), run_config["model"], ckpt_path, out_dir)
+    merge_lora(model.eval())
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     model_config = dict(run_config["model"])
     metadata = {
@@ -71,6 +79,29 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path | None = None) 
     _write_atomic(out_dir / "model.yaml", lambda tmp: Path(tmp).write_text(yaml_text))
     log.info("exported %s (%d tensors) to %s", ckpt_path, len(tensors), out_dir)
     return weights
+
+
+def _export_pretrained(
+    model: nn.Module, model_config: dict[str, Any], ckpt_path: Path, out_dir: Path
+) -> Path:
+    from trainer.models.hf import load_tokenizer, resolve_pretrained
+
+    source = resolve_pretrained(model_config["name_or_path"], model_config.get("gguf_file"))
+    if has_lora(model):
+        save_adapter(model, out_dir / "adapter", base_model=source)
+    merge_lora(model)
+    model.config.use_cache = True  # training turned it off; generation wants it
+    model.save_pretrained(out_dir)
+    load_tokenizer(source).save_pretrained(out_dir)
+    exported = {**model_config, "name_or_path": str(out_dir.resolve()), "gguf_file": None}
+    header = (
+        f"# The model of {ckpt_path}, exported with LoRA merged. Train or evaluate it with\n"
+        "# these model settings (copy this file to configs/model/ or pass model.name_or_path).\n"
+    )
+    yaml_text = header + OmegaConf.to_yaml(OmegaConf.create(exported))
+    _write_atomic(out_dir / "model.yaml", lambda tmp: Path(tmp).write_text(yaml_text))
+    log.info("exported %s as a transformers model folder %s", ckpt_path, out_dir)
+    return out_dir / "model.safetensors"
 
 
 def _write_atomic(path: Path, write: Any) -> None:

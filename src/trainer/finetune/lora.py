@@ -1,193 +1,204 @@
-"""LoRA: a trainable low-rank update `scaling * B @ A` added to a frozen Linear or Conv2d.
+"""LoRA through `peft`: one implementation for language models and image models.
 
-Our own small implementation rather than peft: peft pulls in transformers and
-targets its model classes, while this needs two layer types and a merge.
+`apply_lora` injects peft's LoRA layers in place (`inject_adapter_in_model`),
+so the model stays the user's own class: the Trainer, checkpoints, DDP and
+`model(input_ids)` see the same module, and its state dict holds the frozen
+weights (`<layer>.base_layer.weight`) and the adapters
+(`<layer>.lora_A.default.weight`, `<layer>.lora_B.default.weight`) together,
+which is what exact resume needs. peft's defaults are the LoRA paper's: A like
+a fresh layer, B zero, so the adapted model starts as the pre-trained one;
+the update is scaled by alpha / rank and dropout applies to the adapter's input.
 
-An adapted layer keeps the original `weight` and `bias` parameters under the
-same names, so `features.0.weight` is still `features.0.weight`, and adds
-`lora_A` and `lora_B`. B starts at zero: before training the adapted model
-computes exactly what the pre-trained one did. `merge_lora` folds the update
-into plain layers for export.
+Targets are glob patterns over module names (`features.*`, `head.2`) or, as in
+peft and TRL, bare layer names that match at the end of a module name
+(`q_proj` matches `model.layers.0.self_attn.q_proj`). Linear and Conv2d
+layers can be adapted. peft needs the `lm` extra.
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+import copy
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from trainer.errors import ConfigError
-from trainer.patterns import check_all_match, matches_any
+from trainer.patterns import matches
+
+ADAPTER = "default"  # peft's adapter name; one adapter per model here
+ADAPTABLE = (nn.Linear, nn.Conv2d)
+_GLOB = re.compile(r"[*?\[]")
 
 
-class _LoRABase(nn.Module):
-    def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float) -> None:
-        super().__init__()
-        # The same Parameter objects as the base layer: frozen, and loaded/saved by name.
-        self.weight = base.weight
-        self.bias = base.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        self.rank, self.alpha = rank, alpha
-        self.scaling = alpha / rank
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Without dropout, adding B @ A to the weight first is the same function and
-        # cheaper whenever the input has more rows (samples x positions) than the
-        # update costs; with dropout the adapter path needs its own input.
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            if self._rows(x) * (self._fan_in + self._fan_out) >= self.weight.numel():
-                return self._base_op(x, self.weight + self.delta_weight(), self.bias)
-        return self._base_op(x, self.weight, self.bias) + self._adapter(self.dropout(x))
-
-    def _init_adapters(self) -> None:
-        # As in the LoRA paper: A like a fresh layer, B zero so the update starts at 0.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, alpha={self.alpha}"
-
-    def _with_merged_weights(self, layer: nn.Module) -> nn.Module:
-        """`layer` (a plain copy of the base) given the base weight plus the adapters' update."""
-        with torch.no_grad():
-            layer.weight.copy_(self.weight + self.delta_weight())
-            if self.bias is not None:
-                layer.bias.copy_(self.bias)
-        return layer
-
-
-class LoRALinear(_LoRABase):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
-        super().__init__(base, rank, alpha, dropout)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
-        self._init_adapters()
-        self._fan_in, self._fan_out = self.in_features, self.out_features
-
-    def _rows(self, x: torch.Tensor) -> int:
-        return x.numel() // self.in_features
-
-    def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        return F.linear(x, weight, bias)
-
-    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
-
-    def merged(self) -> nn.Linear:
-        layer = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        return self._with_merged_weights(layer)
-
-
-class LoRAConv2d(_LoRABase):
-    """A is a conv with the base's kernel, stride and padding into `rank` channels;
-    B a 1x1 conv back out. Both are linear, so B(A(x)) = conv(x, B @ A) exactly."""
-
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, dropout: float) -> None:
-        if base.groups != 1 or base.padding_mode != "zeros":
-            raise ConfigError(
-                "finetune.lora supports Conv2d layers with groups=1 and zero padding only; "
-                "leave grouped or non-zero-padded convs out of finetune.lora.targets"
-            )
-        super().__init__(base, rank, alpha, dropout)
-        self.in_channels, self.out_channels = base.in_channels, base.out_channels
-        self.kernel_size, self.stride = base.kernel_size, base.stride
-        self.padding, self.dilation = base.padding, base.dilation
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(
-            torch.empty(rank, self.in_channels, *self.kernel_size, **factory)
-        )
-        self.lora_B = nn.Parameter(torch.empty(self.out_channels, rank, 1, 1, **factory))
-        self._init_adapters()
-        self._fan_in = self.in_channels * self.kernel_size[0] * self.kernel_size[1]
-        self._fan_out = self.out_channels
-
-    def _rows(self, x: torch.Tensor) -> int:
-        return x.numel() // self.in_channels  # one row per sample and position
-
-    def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
-
-    def _adapter(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self._base_op(x, self.lora_A), self.lora_B) * self.scaling
-
-    def delta_weight(self) -> torch.Tensor:
-        a = self.lora_A.flatten(1)  # rank x (in * kh * kw)
-        b = self.lora_B.flatten(1)  # out x rank
-        return (b @ a).view_as(self.weight) * self.scaling
-
-    def merged(self) -> nn.Conv2d:
-        layer = nn.Conv2d(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            stride=self.stride,
-            padding=self.padding,
-            dilation=self.dilation,
-            bias=self.bias is not None,
-            device=self.weight.device,
-            dtype=self.weight.dtype,
-        )
-        return self._with_merged_weights(layer)
-
-
-LORA_LAYERS = {nn.Linear: LoRALinear, nn.Conv2d: LoRAConv2d}
+def target_matches(name: str, target: str) -> bool:
+    """A glob over the full module name, or peft's rule: the name or its dotted suffix."""
+    return matches(name, target) or name.endswith("." + target)
 
 
 def apply_lora(
-    model: nn.Module, targets: list[str], rank: int, alpha: float, dropout: float
+    model: nn.Module, targets: Sequence[str], rank: int, alpha: float, dropout: float
 ) -> list[str]:
-    """Wrap every Linear/Conv2d whose module name matches `targets`; returns their names."""
+    """Add adapters to every Linear/Conv2d matching `targets`; returns their names.
+
+    Which params train is otherwise unchanged: the adapted layers' own weights
+    freeze, every other param keeps its requires_grad (a new head still trains)."""
+    peft = _import_peft()
     if rank < 1:
         raise ConfigError(f"finetune.lora.rank={rank} must be >= 1")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"finetune.lora.dropout={dropout} must be in [0, 1)")
     # Exact types: subclasses such as MultiheadAttention's out_proj are read as raw
-    # weights by their parent, so a wrapper there would silently do nothing.
-    adaptable = [
-        name for name, module in model.named_modules() if type(module) in LORA_LAYERS and name
-    ]
-    check_all_match(targets, adaptable, "Linear or Conv2d layer", "finetune.lora.targets")
-    chosen = [name for name in adaptable if matches_any(name, targets)]
+    # weights by their parent, so an adapter there would silently do nothing.
+    adaptable = {
+        name: module for name, module in model.named_modules() if name and type(module) in ADAPTABLE
+    }
+    for target in targets:
+        if not any(target_matches(name, target) for name in adaptable):
+            raise ConfigError(_no_match(target, list(adaptable)))
+    chosen = [name for name in adaptable if any(target_matches(name, t) for t in targets)]
     for name in chosen:
-        base = model.get_submodule(name)
-        _replace(model, name, LORA_LAYERS[type(base)](base, rank, alpha, dropout))
+        _check_adaptable(name, adaptable[name])
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=_peft_targets(model, list(targets), chosen),
+        bias="none",
+    )
+    peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    # peft freezes every non-adapter param; only the adapted layers' own should be.
+    base = {id(p) for layer in _lora_layers(model) for p in layer.get_base_layer().parameters()}
+    for param in model.parameters():
+        if id(param) in trainable and id(param) not in base:
+            param.requires_grad_(trainable[id(param)])
     return chosen
 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [
         p
-        for module in model.modules()
-        if isinstance(module, _LoRABase)
-        for p in (module.lora_A, module.lora_B)
+        for layer in _lora_layers(model)
+        for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())
     ]
 
 
+def has_lora(model: nn.Module) -> bool:
+    return any(True for _ in _lora_layers(model))
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """The pre-trained model without its adapters (e.g. DPO's frozen reference), no copy."""
+    layers = list(_lora_layers(model))
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Replace every adapted layer by a plain one holding `weight + scaling * B @ A`."""
-    names = [name for name, module in model.named_modules() if isinstance(module, _LoRABase)]
+    """Fold every adapter into its layer and put the plain layer back (for export)."""
+    names = [name for name, module in model.named_modules() if _is_lora_layer(module)]
     for name in names:
-        _replace(model, name, model.get_submodule(name).merged())
+        layer = model.get_submodule(name)
+        layer.merge()
+        _replace(model, name, layer.get_base_layer())
     return model
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base_model: str | None = None) -> Path:
+    """The adapters in peft's own format: `PeftModel.from_pretrained(base, folder)` loads them."""
+    from safetensors.torch import save_file
+
+    layers = [(name, m) for name, m in model.named_modules() if _is_lora_layer(m)]
+    if not layers:
+        raise ConfigError("the model has no LoRA adapters to save; set finetune.lora.targets")
+    # The config peft stored on the model when it injected the adapters.
+    config = copy.copy(model.peft_config[ADAPTER])
+    config.base_model_name_or_path = base_model
+    config.inference_mode = True
+    if hasattr(model, "generate"):
+        config.task_type = "CAUSAL_LM"
+    tensors = {}
+    for name, layer in layers:
+        for part in ("lora_A", "lora_B"):
+            weight = getattr(layer, part)[ADAPTER].weight
+            # PeftModel's names: base_model.model.<module>.lora_A.weight (no adapter name).
+            tensors[f"base_model.model.{name}.{part}.weight"] = weight.detach().cpu().contiguous()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(str(folder))
+    return folder
+
+
+def _lora_layers(model: nn.Module) -> Iterator[Any]:
+    return (m for m in model.modules() if _is_lora_layer(m))
+
+
+def _is_lora_layer(module: nn.Module) -> bool:
+    from peft.tuners.lora import LoraLayer
+
+    return isinstance(module, LoraLayer)
+
+
+def _peft_targets(model: nn.Module, targets: list[str], chosen: list[str]) -> list[str] | str:
+    """peft's own form where it selects exactly `chosen` (readable adapter configs:
+    ["q_proj", "v_proj"]), else a regex of the names that peft matches in full."""
+    if not any(_GLOB.search(t) for t in targets):
+        by_peft = [
+            name
+            for name, _ in model.named_modules()
+            if name and any(name == t or name.endswith("." + t) for t in targets)
+        ]
+        if by_peft == chosen:
+            return targets
+    return "|".join(re.escape(name) for name in chosen)
+
+
+def _check_adaptable(name: str, module: nn.Module) -> None:
+    # peft's conv adapter A copies kernel, stride and padding but not groups, dilation
+    # or the padding mode: it would compute another function (or fail) on such convs.
+    if isinstance(module, nn.Conv2d) and (
+        module.groups != 1 or module.padding_mode != "zeros" or module.dilation != (1, 1)
+    ):
+        raise ConfigError(
+            f"finetune.lora.targets: {name} is a grouped, dilated or non-zero-padded Conv2d, "
+            "which LoRA does not support; leave it out of the targets"
+        )
+
+
+def _no_match(target: str, names: list[str]) -> str:
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in names})
+    if len(leaves) < len(names):  # repeated blocks (transformers): show the layer names
+        shown = ", ".join(leaves)
+    else:
+        shown = ", ".join(names[:12]) + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+    return (
+        f"finetune.lora.targets entry {target!r} matches no Linear or Conv2d layer; "
+        f"the model's are: {shown or 'none'}"
+    )
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def _import_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError(
+            'finetune.lora needs peft, part of the language-model extra; run pip install -e ".[lm]"'
+        ) from None
+    return peft
