@@ -44,7 +44,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else None
     metrics = evaluate_model(
         model,
-        data.batches(cfg.split),
+        data.batches(cfg.split, limit_batches=cfg.trainer.get(f"limit_{cfg.split}_batches")),
         loss_fn,
         cfg.split,
         **({"autocast": autocast} if autocast else {}),

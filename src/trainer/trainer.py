@@ -96,7 +96,7 @@ class Trainer:
             if data.val_size
             else None
         )
-        self.test_batches = data.batches("test", **shard)
+        self.test_batches = data.batches("test", limit_batches=cfg.limit_test_batches, **shard)
         self.global_batch = data.batch_size * dist.world_size
         dtype = AUTOCAST_DTYPES[str(cfg.precision)]
         self.autocast = (
