@@ -90,6 +90,10 @@ RULES = [
     Rule(r"scripts/bench_accuracy\.py", append=TINY),
     Rule(r"scripts/bench_overhead\.py", append=["--rounds", "1", "data.val_size=59000"]),
     Rule(r"scripts/bench_startup\.py", append=["--runs", "1"]),
+    Rule(
+        r"scripts/bench_readme\.py",
+        append=["--rounds", "1", "--runs", "1", *TINY, "data.val_size=59000"],
+    ),
 ]
 
 # README paths to earlier runs, and the README command (script + arguments) that makes them.
@@ -220,7 +224,15 @@ def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
     )
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr and "\nerror:" not in "\n" + done.stderr
-    if "eval.py" in command:
+    if "bench_readme.py" in command:
+        # The tables it prints are the README's: same headers, and a line saying where from.
+        readme = (REPO / "README.md").read_text()
+        printed = done.stdout.splitlines()
+        assert printed[0].startswith("Measured ") and "commit `" in printed[0]
+        headers = [line for line in printed if line.startswith(("| command |", "| benchmark |"))]
+        assert len(headers) == 2 and all(h in readme for h in headers)
+        assert len([line for line in printed if line.startswith("| `")]) == 5
+    elif "eval.py" in command:
         (record,) = tmp_path.glob("outputs/*/*/eval_results.json")
         assert json.loads(record.read_text())["metrics"]["test/acc"] > 0.1
     elif "train.py" in command:
