@@ -240,3 +240,19 @@ def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
         assert made, "the command wrote no results.json"
         for path in made:
             assert json.loads(path.read_text())["status"] == "completed", path
+
+
+def test_what_readme_commands_write_is_git_ignored() -> None:
+    """Run folders, sweeps, downloaded data and the export example stay out of `git status`."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["outputs/a/results.json", "multirun/a/b/results.json", "data/MNIST/raw/x.gz"]
+    paths += ["exported/model.yaml", "exported/model.safetensors"]
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == paths
