@@ -88,11 +88,11 @@ RULES = [
     Rule(r"^tensorboard --logdir "),
     Rule(r"scripts/(sweep_report|export)\.py"),
     Rule(r"scripts/bench_accuracy\.py", append=TINY),
-    Rule(r"scripts/bench_overhead\.py", append=["--rounds", "1", "data.val_size=59000"]),
+    Rule(r"scripts/bench_overhead\.py", append=["--rounds", "1", "data.val_size=50000"]),
     Rule(r"scripts/bench_startup\.py", append=["--runs", "1"]),
     Rule(
         r"scripts/bench_readme\.py",
-        append=["--rounds", "1", "--runs", "1", *TINY, "data.val_size=59000"],
+        append=["--rounds", "1", "--runs", "1", *TINY, "data.val_size=50000"],
     ),
 ]
 
