@@ -6,7 +6,9 @@ everything on: TensorBoard logging, a progress bar (drawn into a sink that
 claims to be a terminal), per-epoch validation and checkpoints. Rounds
 alternate which loop goes first, so drift on a shared machine hits both.
 
-    python scripts/bench_overhead.py [--rounds 5] [--model mlp] [extra overrides...]
+    python scripts/bench_overhead.py [--rounds 5] [--markdown] [extra overrides...]
+
+`--markdown` ends with the row of the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import markdown_row
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from torch.nn import functional as F
@@ -119,6 +122,7 @@ def trainer_loop(cfg, data, workdir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--markdown", action="store_true", help="end with the README row")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=cnn")
     args = parser.parse_args()
     data_dir = os.environ.get("TRAINER_DATA_DIR", str(Path(__file__).parents[2] / "shared/data"))
@@ -175,6 +179,18 @@ def main() -> None:
         f"trainer {statistics.median(trainer_rates):.0f} {unit}/s, "
         f"trainer/hand throughput ratio {statistics.median(ratios):.3f}"
     )
+    if args.markdown:
+        what = (
+            "`scripts/bench_overhead.py`: Trainer (TensorBoard, progress bar, per-epoch "
+            "validation and checkpoint) / hand-written loop, same model and batches, "
+            f"{args.rounds} alternating 1-epoch rounds (`--rounds {args.rounds}`)"
+        )
+        figure = (
+            f"median throughput ratio {statistics.median(ratios):.3f} (rounds "
+            f"{min(ratios):.2f}–{max(ratios):.2f}; {statistics.median(trainer_rates) / 1e3:.1f}k "
+            f"vs {statistics.median(hand_rates) / 1e3:.1f}k samples/s)"
+        )
+        print(markdown_row([what, figure]))
     sys.exit(0)
 
 

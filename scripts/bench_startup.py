@@ -10,7 +10,9 @@ shared, read-only `.gz` files: every start decompresses them), and a folder
 like a user's `./data` after its first run, which holds the decompressed copies
 the loader keeps beside the `.gz` files.
 
-    python scripts/bench_startup.py [--runs 3] [extra overrides...]
+    python scripts/bench_startup.py [--runs 3] [--markdown] [extra overrides...]
+
+`--markdown` ends with the row of the README's benchmark table.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_common import REPO, markdown_row
+
 FLOOR = (
     "import torch; m = torch.nn.Linear(784, 10); o = torch.optim.AdamW(m.parameters()); "
     "m(torch.zeros(1, 784)).sum().backward(); o.step(); print('floor done')"
@@ -57,6 +60,7 @@ def stamps(cmd: list[str], cwd: str) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--markdown", action="store_true", help="end with the README row")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     source = Path(os.environ.get("TRAINER_DATA_DIR", "./data")).resolve()
@@ -100,6 +104,16 @@ def main() -> None:
             for k, v in starts.items()
         )
     )
+    if args.markdown:
+        shared, user = (statistics.median(v) for v in starts.values())
+        what = f"`scripts/bench_startup.py`: command → first training step, median of {args.runs}"
+        figure = (
+            f"step 1 starts at {user:.2f} s with a data folder as its first run leaves it "
+            f"(decompressed copies beside the `.gz`), {shared:.2f} s from the read-only shared "
+            "`.gz` files; the floor here (python, `import torch`, one optimizer step, which "
+            f"imports `torch._dynamo`) is {floor:.2f} s"
+        )
+        print(markdown_row([what, figure]))
 
 
 if __name__ == "__main__":

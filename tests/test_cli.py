@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -24,15 +25,34 @@ def test_train_then_eval_from_checkpoint(tmp_path: Path) -> None:
     assert (run_dir / "train.log").read_text().count("first optimizer step done") == 1
     assert (run_dir / ".hydra" / "config.yaml").is_file()
 
+    # The run names its folder at the start, and at the end its files and the commands
+    # to view and evaluate it, on the console and in train.log, ready to paste.
+    log = (run_dir / "train.log").read_text()
+    for shown in (done.stdout, log):
+        assert shown.index("run folder: run\n") < shown.index("first optimizer step done")
+        assert "results file: run/results.json" in shown
+        assert "checkpoints: run/checkpoints/best.pt, run/checkpoints/last.pt" in shown
+        assert "TensorBoard events: run/tensorboard" in shown
+        assert "tensorboard --logdir run\n" in shown
+    evaluate = shlex.split(done.stdout.split("evaluate: ")[1].splitlines()[0])
+    assert evaluate == ["python", "eval.py", "ckpt_path=run/checkpoints/best.pt"]
     eval_dir = tmp_path / "eval"
-    ckpt = run_dir / "checkpoints" / "best.pt"
-    done = run_cli(
-        [str(REPO / "eval.py"), f"ckpt_path={ckpt}", f"hydra.run.dir={eval_dir}"], cwd=tmp_path
-    )
+    done = run_cli([str(REPO / "eval.py"), *evaluate[2:], f"hydra.run.dir={eval_dir}"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert f"test/acc: {results['metrics']['test/acc']:.4f}" in done.stdout
     recorded = json.loads((eval_dir / "eval_results.json").read_text())
     assert recorded["metrics"]["test/acc"] == pytest.approx(results["metrics"]["test/acc"])
+
+
+def test_a_user_error_is_also_written_into_the_run_log(tmp_path: Path) -> None:
+    require_data()
+    run_dir = tmp_path / "run"
+    done = run_cli([str(REPO / "train.py"), "optimizer.lr=0", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: optimizer.lr=0 must be > 0"]
+    log = (run_dir / "train.log").read_text()
+    assert log.endswith("[ERROR] - error: optimizer.lr=0 must be > 0\n")
+    assert "error:" not in done.stdout  # the terminal gets the line once, on stderr
 
 
 def test_multirun_sweep_gives_one_folder_per_job(tmp_path: Path) -> None:

@@ -1,31 +1,110 @@
-"""Every command in the README still parses and composes.
+"""Every command in the README runs, as a user would paste it.
 
-Training runs themselves are covered by the other tests; here each `python
-train.py` / `python eval.py` / `torchrun` line of the README is composed with
-`--cfg job` (no training), so a renamed key, group or option fails here first.
-Script lines are checked with `--help`.
+Each line of the README's ```bash blocks is one test case, picked up as it is
+written: a command added later gets its own case, and one that no rule in RULES
+covers fails `test_every_readme_command_has_a_rule`. A case runs the command in
+its own temporary folder (the repo's scripts by absolute path, `python` as this
+interpreter), shortened only by the arguments its rule appends at the end (Hydra
+keeps the last value of a key), never by `--cfg`. Files the command reads that an
+earlier README command would have written (`outputs/<date>/<time>/...`,
+`outputs/mnist-cnn/...`, `multirun/<date>/<time>`) are copied in from tiny runs
+of the README commands that write them (PROVIDERS), made once per session.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
+import shutil
+import subprocess
 import sys
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, require_data, run_cli
+from tests.tensorboard_server import served
+
+# A run cut to one epoch of a few batches, whatever the command or its experiment set.
+TINY = [
+    "trainer=debug",
+    "trainer.max_epochs=1",
+    "trainer.max_steps=null",
+    "trainer.limit_train_batches=5",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+    "trainer.progress_bar=false",  # last: bench_readme's rule leaves it out
+]
+PLACEHOLDERS = {"<date>/<time>": "2026-01-01/00-00-00"}
 
 
-def first_sweep_value(override: str) -> str:
-    """`key=a,b` -> `key=a`, leaving commas inside [...] alone."""
-    key, sep, value = override.partition("=")
-    depth = 0
-    for i, char in enumerate(value):
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            return key + sep + value[:i]
-    return override
+def slurm_partition() -> str | None:
+    """The first partition of a SLURM cluster this machine can submit to, if any."""
+    try:
+        done = subprocess.run(
+            ["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    names = done.stdout.split() if done.returncode == 0 else []
+    return names[0].rstrip("*") if names else None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How to run the README commands that `pattern` matches (the first rule wins)."""
+
+    pattern: str
+    append: list[str] = field(default_factory=list)
+    skip: str | None = None  # why this command is not run by the suite
+
+
+# Order matters: the first matching rule applies.
+RULES = [
+    Rule(r"^pip install ", skip="installs packages: .ci/run does this on a fresh machine"),
+    Rule(r"python -m pytest", skip="the test suite itself: .ci/run runs it"),
+    Rule(r"^ruff ", skip=".ci/run runs it"),
+    Rule(
+        r"--nnodes=2",
+        skip="2 nodes of 8 processes; tests/test_distributed.py runs this launch with two "
+        "torchrun launchers on one machine",
+    ),
+    # SLURM lines run where a cluster answers (CPU only: no GPUs asked for, one device).
+    Rule(
+        r"hydra/launcher=submitit_slurm",
+        append=[
+            "hydra.launcher.partition={slurm_partition}",
+            "hydra.launcher.gpus_per_node=null",
+            "hydra.launcher.timeout_min=10",
+            "trainer.devices=1",
+            *TINY,
+        ],
+    ),
+    Rule(r"hparams_search=", append=["hydra.sweeper.n_trials=2", *TINY]),
+    Rule(r"(train|eval)\.py", append=TINY),
+    Rule(r"^tensorboard --logdir "),
+    Rule(r"scripts/(sweep_report|export)\.py"),
+    Rule(r"scripts/bench_accuracy\.py", append=TINY),
+    Rule(r"scripts/bench_overhead\.py", append=["--rounds", "1", "data.val_size=50000"]),
+    Rule(r"scripts/bench_startup\.py", append=["--runs", "1"]),
+    Rule(
+        r"scripts/bench_readme\.py",
+        # bench_overhead.py measures the Trainer with its progress bar: keep it on.
+        append=["--rounds", "1", "--runs", "1", *TINY[:-1], "data.val_size=50000"],
+    ),
+]
+
+# README paths to earlier runs, and the README command (script + arguments) that makes them.
+PROVIDERS = {
+    "outputs/<date>/<time>": ["train.py"],
+    "outputs/mnist-mlp": ["train.py", "run_id=mnist-mlp"],
+    "outputs/mnist-cnn": ["train.py", "model=cnn", "run_id=mnist-cnn"],
+    "multirun/<date>/<time>": ["train.py", "-m", "optimizer.lr=1e-3,3e-3"],
+}
+RUN_PATH = re.compile(r"(?:^|[\s=])((?:outputs|multirun)/(?:<date>/<time>|[\w.-]+))")
 
 
 def readme_commands() -> list[str]:
@@ -33,13 +112,17 @@ def readme_commands() -> list[str]:
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         for line in block.replace("\\\n", " ").splitlines():
-            line = line.split("  #")[0].strip()
-            if line.startswith(("python ", "torchrun ", "pip ", "TRAINER_DATA_DIR=")):
+            line = re.sub(r"\s+", " ", line.split("  #")[0]).strip()
+            if line and not line.startswith("#"):
                 commands.append(line)
     return commands
 
 
-COMMANDS = readme_commands()
+def rule_for(command: str) -> Rule | None:
+    return next((r for r in RULES if re.search(r.pattern, command)), None)
+
+
+COMMANDS = list(dict.fromkeys(readme_commands()))  # a repeated command runs once
 
 
 def test_readme_has_the_two_fresh_machine_commands() -> None:
@@ -49,23 +132,128 @@ def test_readme_has_the_two_fresh_machine_commands() -> None:
     assert "python -m pytest -q" in ci and "torch==2.13.0" in ci
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if "train.py" in c or "eval.py" in c])
-def test_readme_training_command_composes(command: str, tmp_path) -> None:
-    command = command.split("&&")[-1].strip()
-    command = command.replace("<date>/<time>", "2026-01-01/00-00-00")
-    args = shlex.split(command)
-    script = next(a for a in args if a.endswith(("train.py", "eval.py")))
-    overrides = args[args.index(script) + 1 :]
-    if "-m" in overrides:
-        # --cfg cannot be combined with -m: compose the sweep's first job instead.
-        overrides = [first_sweep_value(o) for o in overrides if o != "-m"]
-    done = run_cli([str(REPO / script), *overrides, "--cfg", "job"], cwd=tmp_path, timeout=120)
-    assert done.returncode == 0, f"{command}\n{done.stderr[-2000:]}"
-    assert "error:" not in done.stderr
+def test_every_readme_command_has_a_rule() -> None:
+    assert len(COMMANDS) >= 20
+    assert [c for c in COMMANDS if rule_for(c) is None] == [], "add a rule to RULES"
+    for command in COMMANDS:
+        for path in RUN_PATH.findall(command):
+            assert path in PROVIDERS, f"add the README command that writes {path} to PROVIDERS"
 
 
-@pytest.mark.parametrize("command", [c for c in COMMANDS if c.startswith("python scripts/")])
-def test_readme_script_runs(command: str, tmp_path) -> None:
-    script = shlex.split(command)[1]
-    done = run_cli([sys.executable, str(REPO / script), "--help"], cwd=tmp_path, timeout=120)
-    assert done.returncode == 0, done.stderr
+def resolved(text: str) -> str:
+    for placeholder, value in PLACEHOLDERS.items():
+        text = text.replace(placeholder, value)
+    return text
+
+
+def argv(command: str) -> list[str]:
+    """The command's words, run from any folder: python is this interpreter, the repo's
+    scripts are named by absolute path, torchrun is torch's launcher module."""
+    command = resolved(command)
+    assert "<" not in command, f"a placeholder without a value in PLACEHOLDERS: {command}"
+    words = shlex.split(command)
+    launcher = {
+        "python": [sys.executable],
+        "torchrun": [sys.executable, "-m", "torch.distributed.run"],
+    }
+    out = launcher.get(words[0], [words[0]])
+    for word in words[1:]:
+        out.append(str(REPO / word) if word.endswith(".py") and (REPO / word).is_file() else word)
+    return out
+
+
+@pytest.fixture(scope="session")
+def provided(tmp_path_factory: pytest.TempPathFactory):
+    """Makes each PROVIDERS run once (tiny), on first request; returns its folder."""
+    made: dict[str, Path] = {}
+
+    def get(path: str) -> Path:
+        if path not in made:
+            folder = tmp_path_factory.mktemp("readme-provided") / "run"
+            script, *args = PROVIDERS[path]
+            dir_key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
+            done = run_cli(
+                [str(REPO / script), *args, *TINY, f"{dir_key}={folder}"],
+                cwd=folder.parent,
+                timeout=600,
+            )
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[path] = folder
+        return made[path]
+
+    return get
+
+
+def results_files(folder: Path) -> set[Path]:
+    return set(folder.glob("outputs/**/results.json")) | set(
+        folder.glob("multirun/**/results.json")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
+    require_data()
+    rule = rule_for(command)
+    assert rule is not None, f"no rule in RULES for the README command: {command}"
+    if rule.skip:
+        pytest.skip(rule.skip)
+    append = list(rule.append)
+    if any("{slurm_partition}" in a for a in append):
+        partition = slurm_partition()
+        if partition is None:
+            pytest.skip("needs a SLURM cluster (sinfo finds none here)")
+        append = [a.replace("{slurm_partition}", partition) for a in append]
+    words = argv(command)
+    needed = RUN_PATH.findall(command)
+    if words[0] == "tensorboard" and not (tmp_path / words[words.index("--logdir") + 1]).exists():
+        needed.append("outputs/<date>/<time>")  # `--logdir outputs`: a user's earlier run
+    for path in needed:
+        shutil.copytree(provided(path), tmp_path / resolved(path))
+    before = results_files(tmp_path)
+    if words[0] == "tensorboard":
+        with served(words[1:], cwd=tmp_path) as tb:
+            assert tb.wait_for(lambda: tb.runs()), "TensorBoard shows no run"
+        return
+    done = subprocess.run(
+        [*words, *append],
+        cwd=tmp_path,
+        env={**os.environ, "TRAINER_DATA_DIR": str(require_data())},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr and "\nerror:" not in "\n" + done.stderr
+    if "bench_readme.py" in command:
+        # The tables it prints are the README's: same headers, and a line saying where from.
+        readme = (REPO / "README.md").read_text()
+        printed = done.stdout.splitlines()
+        assert printed[0].startswith("Measured ") and "commit `" in printed[0]
+        headers = [line for line in printed if line.startswith(("| command |", "| benchmark |"))]
+        assert len(headers) == 2 and all(h in readme for h in headers)
+        assert len([line for line in printed if line.startswith("| `")]) == 5
+    elif "eval.py" in command:
+        (record,) = tmp_path.glob("outputs/*/*/eval_results.json")
+        assert json.loads(record.read_text())["metrics"]["test/acc"] > 0.1
+    elif "train.py" in command:
+        made = results_files(tmp_path) - before
+        assert made, "the command wrote no results.json"
+        for path in made:
+            assert json.loads(path.read_text())["status"] == "completed", path
+
+
+def test_what_readme_commands_write_is_git_ignored() -> None:
+    """Run folders, sweeps, downloaded data and the export example stay out of `git status`."""
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["outputs/a/results.json", "multirun/a/b/results.json", "data/MNIST/raw/x.gz"]
+    paths += ["exported/model.yaml", "exported/model.safetensors"]
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.stdout.split() == paths

@@ -286,6 +286,8 @@ def test_full_trace_on_request(args: list[str], env: dict, exception: str, tmp_p
 def test_help_cfg_multirun_and_completion_still_work(tmp_path: Path) -> None:
     shown = run_script("train.py", ["--help"], tmp_path)
     assert shown.returncode == 0 and "Powered by Hydra" in shown.stdout
+    groups = shown.stdout.split("== Config ==")[0]
+    assert "trainer: debug, default" in groups and "schema" not in groups  # not a user's choice
     job = run_script("train.py", ["--cfg", "job", "model=cnn"], tmp_path)
     assert job.returncode == 0 and "trainer.models.cnn.CNN" in job.stdout
     completion = run_script("train.py", ["-sc", "install=bash"], tmp_path)

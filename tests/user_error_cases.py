@@ -57,6 +57,10 @@ CASES = [
     # Keys the target does not take, and targets that do not exist.
     Case("added-model-kwarg", ["+model.foo=1"], "model.foo is not an argument of"),
     Case("added-trainer-key", ["+trainer.foo=1"], "unknown config key trainer.foo"),
+    # `+` bypasses the typed config; a top-level key nothing reads gets a typo's hint.
+    Case("added-top-key", ["+max_epoch=3"], "unknown config key max_epoch; did you mean trainer."),
+    Case("added-top-key-unlike", ["+foo=1"], "unknown config key foo; the top level has: "),
+    Case("eval-added-key", ["ckpt_path={ckpt}", "+splt=val"], "did you mean split?", "eval.py"),
     Case("bad-target", ["model._target_=trainer.models.mlp.Nope"], "cannot be imported"),
     Case("interpolation", ["model.in_shape=${data.shap}"], "cannot resolve an interpolation"),
     # Values, checked before data loads.

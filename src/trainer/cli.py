@@ -24,7 +24,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import register_configs
+from trainer.config import SCHEMA_GROUP, register_configs
 from trainer.error_messages import describe_user_error
 from trainer.errors import Preempted
 from trainer.preemption import EXIT_PREEMPTED
@@ -120,7 +120,7 @@ def _run_reporting_user_errors(hydra_main: Callable[[], Any]) -> None:
     os.environ[FULL_ERROR_ENV] = "1"
     try:
         try:
-            with _run_mode_assumed():
+            with _run_mode_assumed(), _schema_group_hidden():
                 hydra_main()
         except AssertionError as e:
             if not _mode_assumption_failed(e):
@@ -167,6 +167,30 @@ def _run_mode_assumed() -> Iterator[None]:
         Hydra.get_mode = probe
 
 
+@contextmanager
+def _schema_group_hidden() -> Iterator[None]:
+    """Leave the typed schemas' group out of `--help`: the YAML files pull it in, and
+    no user can choose from it (schema=... would replace the whole config)."""
+    from hydra._internal.hydra import Hydra
+
+    if "--help" not in sys.argv[1:] and "-h" not in sys.argv[1:]:
+        yield
+        return
+    original = Hydra.format_config_groups
+
+    def format_config_groups(self: Any, predicate: Callable[[str], bool], compact: bool = True):
+        def shown(group: str) -> bool:
+            return predicate(group) and group.split("/")[0] != SCHEMA_GROUP
+
+        return original(self, shown, compact)
+
+    Hydra.format_config_groups = format_config_groups
+    try:
+        yield
+    finally:
+        Hydra.format_config_groups = original
+
+
 def _mode_assumption_failed(error: AssertionError) -> bool:
     tb = error.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -202,9 +226,23 @@ def _user_environment() -> Iterator[None]:
             # records the failed job (one line for a user error) and the sweep goes on.
             raise
         print(f"error: {message}", file=sys.stderr, flush=True)
+        _write_to_run_log(f"error: {message}")
         raise SystemExit(EXIT_USER_ERROR) from None
     finally:
         os.environ[FULL_ERROR_ENV] = "1"
+
+
+def _write_to_run_log(line: str) -> None:
+    """Put a user error's line into the run's log file too (Hydra's job logging writes
+    <run>/<task_name>.log), so a folder left by a failed run says why it stopped. Only
+    the file: the terminal got the line on stderr already."""
+    import logging
+
+    record = logging.LogRecord(__name__, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+            handler.flush()
 
 
 def _restore_full_error_env() -> None:

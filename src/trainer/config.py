@@ -46,6 +46,7 @@ class TrainerConfig:
     max_steps: int | None = None
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
+    limit_test_batches: int | None = None
     val_every_n_epochs: int = 1
     val_every_n_steps: int | None = None
     accumulate_grad_batches: int = 1
@@ -185,6 +186,8 @@ class EvalConfig:
     paths: PathsConfig = MISSING
     trainer: TrainerConfig = MISSING
     task_name: str = "eval"
+    # Names the output dir like a training run's (configs/hydra/default.yaml reads it).
+    run_id: str | None = None
     split: str = "test"  # test | val
     data: Any = None  # None: the data config stored in the checkpoint
 
@@ -209,6 +212,11 @@ def job_dirname(override_dirname: str) -> str:
     return name
 
 
+# The ConfigStore group of the typed schemas: pulled in by the YAML files' defaults
+# lists, never chosen on the command line, so `--help` leaves it out (cli.py).
+SCHEMA_GROUP = "schema"
+
+
 def register_configs() -> None:
     OmegaConf.register_new_resolver("trainer.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("trainer.job_dirname", job_dirname, replace=True)
@@ -218,13 +226,13 @@ def register_configs() -> None:
     register_resolvers()
     register_sweeper()
     cs = ConfigStore.instance()
-    cs.store(group="schema", name="train", node=TrainConfig)
-    cs.store(group="schema", name="eval", node=EvalConfig)
-    cs.store(group="schema", name="trainer", node=TrainerConfig)
-    cs.store(group="schema", name="data", node=DataConfig)
-    cs.store(group="schema", name="paths", node=PathsConfig)
-    cs.store(group="schema", name="logger", node=LoggerConfig)
-    cs.store(group="schema", name="finetune", node=FinetuneConfig)
+    cs.store(group=SCHEMA_GROUP, name="train", node=TrainConfig)
+    cs.store(group=SCHEMA_GROUP, name="eval", node=EvalConfig)
+    cs.store(group=SCHEMA_GROUP, name="trainer", node=TrainerConfig)
+    cs.store(group=SCHEMA_GROUP, name="data", node=DataConfig)
+    cs.store(group=SCHEMA_GROUP, name="paths", node=PathsConfig)
+    cs.store(group=SCHEMA_GROUP, name="logger", node=LoggerConfig)
+    cs.store(group=SCHEMA_GROUP, name="finetune", node=FinetuneConfig)
 
 
 def plain_config(cfg: Any) -> Any:

@@ -69,7 +69,7 @@ def describe_user_error(error: BaseException) -> str | None:
     from omegaconf.errors import MissingMandatoryValue
 
     if isinstance(error, UserError):
-        return _one_line(str(error))
+        return _one_line(str(error), details=True)
     if isinstance(error, MissingConfigException):
         return _missing_config(error)
     if isinstance(error, OverrideParseException):
@@ -140,7 +140,7 @@ def _composition_error(error: BaseException) -> str:
             "key=[a,b] for a list, key='a,b' for a string, or add --multirun to sweep"
         )
     if isinstance(cause, UserError):
-        return _one_line(str(cause))
+        return _one_line(str(cause), details=True)
     return _one_line(message)
 
 
@@ -166,7 +166,7 @@ def _unknown_key(cause: Any) -> str:
 def _instantiation_error(error: BaseException) -> str | None:
     cause = error.__cause__
     if isinstance(cause, UserError):
-        return _one_line(str(cause))
+        return _one_line(str(cause), details=True)
     full_key = re.search(r"full_key: (\S+)", str(error))
     section = full_key.group(1) if full_key else "a config section"
     if str(error).startswith("Error locating target") and cause is not None:
@@ -187,7 +187,13 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else ""
 
 
-def _one_line(text: str) -> str:
-    """Error text on one line: a multi-line message is joined with ' | '."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return " | ".join(lines)
+def _one_line(text: str, details: bool = False) -> str:
+    """Error text as one line: a multi-line message is joined with ' | '. With `details`
+    (our own UserErrors), the indented detail lines after the first line
+    (trainer/errors.py) stay lines of their own, under the line that says what to do."""
+    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
+    if not details:
+        return " | ".join(line.strip() for line in lines)
+    head = [line.strip() for i, line in enumerate(lines) if i == 0 or not line.startswith(" ")]
+    indented = [line for line in lines[1:] if line.startswith(" ")]
+    return "\n".join([" | ".join(head), *indented])

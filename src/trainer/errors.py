@@ -1,7 +1,9 @@
 """User-facing errors: anything the user can fix by changing input.
 
 The CLI prints these as one `error: ...` line and exits with code 2; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. A message whose details are long (every
+source a download tried) may follow its first line with detail lines, each
+indented by two spaces; the first line alone says what is wrong and what to do.
 """
 
 

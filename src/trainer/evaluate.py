@@ -50,7 +50,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.split == "test" and not getattr(data, "has_test", True):
         raise CheckpointError(f"{type(data).__name__} has no test split; use split=val")
     task.setup(model, device, getattr(data, "tokenizer", None))
-    batches = data.batches(cfg.split)
+    batches = data.batches(cfg.split, limit_batches=cfg.trainer.get(f"limit_{cfg.split}_batches"))
     check_task_fits(task, model, batches, device)
     autocast = autocast_context(str(cfg.trainer.precision), device)
     metrics = evaluate_model(model, batches, task, cfg.split, autocast)

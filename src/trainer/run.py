@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from trainer.errors import ConfigError, Preempted, UserError
 from trainer.resume import CheckpointFiles, check_run_dir_free, finished_results, resume_state
+from trainer.run_files import log_run_files, log_run_folder
 
 if TYPE_CHECKING:
     from trainer.pruning import PruningTarget
@@ -135,6 +136,8 @@ def _train(
 
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
+    if ctx.is_main:
+        log_run_folder(output_dir)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     # Before the data: a missing, damaged or unsafe checkpoint fails in a second.
     files = CheckpointFiles(
@@ -291,6 +294,9 @@ def _train(
         logger.log_hparams(hparams(cfg, list(job.overrides)), dict(results["metrics"]))
         logger.close()
     log.info("results: %s", json.dumps(results["metrics"]))
+    if ctx.is_main:
+        tensorboard_dir = getattr(logger, "log_dir", None)
+        log_run_files(output_dir, output_dir / cfg.checkpoint.dirname, tensorboard_dir)
     return optimized_value(cfg, results["metrics"])
 
 
@@ -305,7 +311,11 @@ def split_batches(data: Any, trainer_cfg: DictConfig, seed: int, ctx: Any) -> An
         if data.val_size
         else None
     )
-    test = data.batches("test", **shard) if getattr(data, "has_test", True) else None
+    test = (
+        data.batches("test", limit_batches=trainer_cfg.limit_test_batches, **shard)
+        if getattr(data, "has_test", True)
+        else None
+    )
     return SplitBatches(train, val, test, data.batch_size * ctx.world_size, seed)
 
 

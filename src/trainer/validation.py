@@ -26,10 +26,12 @@ from trainer.config import (
     PRECISIONS,
     STRATEGIES,
     CheckpointConfig,
+    EvalConfig,
     PathsConfig,
+    TrainConfig,
     TrainerConfig,
 )
-from trainer.error_messages import did_you_mean
+from trainer.error_messages import did_you_mean, dotted_keys
 from trainer.errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ IMAGE_DATA_TARGET = "trainer.data.datamodule.ImageClassificationData"
 
 def validate_train_config(cfg: DictConfig) -> torch.device:
     """Check every value `train()` reads; returns the device to train on."""
+    check_top_level_keys(cfg, TrainConfig)
     for section, schema in (
         ("trainer", TrainerConfig),
         ("checkpoint", CheckpointConfig),
@@ -75,10 +78,26 @@ def validate_eval_config(cfg: DictConfig) -> torch.device:
         raise ConfigError("ckpt_path is required: python eval.py ckpt_path=<path to a .pt file>")
     if cfg.split not in ("test", "val"):
         raise ConfigError(f"split={cfg.split!r} must be test or val")
+    check_top_level_keys(cfg, EvalConfig)
     check_known_keys(cfg.trainer, TrainerConfig, "trainer")
     check_writable_dir(cfg.paths.output_dir, "paths.output_dir")
     check_checkpoint_path(cfg.ckpt_path)
     return check_device(cfg.trainer)
+
+
+def check_top_level_keys(cfg: DictConfig, schema: type) -> None:
+    """A top-level key added with `+key=...` (`+max_epoch=3`) is read by nothing: refuse it
+    with the hint a misspelled key gets. Hydra's own section is not part of `cfg`, so
+    `+hydra.launcher.additional_parameters...` stays open, as do the free-form sections
+    (model, loss, optimizer, ...), whose keys check_target_arguments checks."""
+    fields = {f.name for f in dataclasses.fields(schema)}
+    unknown = [str(k) for k in cfg if str(k) not in fields]
+    if unknown:
+        container = OmegaConf.to_container(cfg, resolve=False, throw_on_missing=False)
+        hint = did_you_mean(unknown[0], dotted_keys(container))
+        if not hint:
+            hint = f"; the top level has: {', '.join(sorted(fields))}"
+        raise ConfigError(f"unknown config key {unknown[0]}{hint}")
 
 
 def check_known_keys(section_cfg: Any, schema: type, name: str) -> None:
@@ -150,7 +169,9 @@ def check_trainer_config(trainer_cfg: Any) -> None:
         raise ConfigError("set trainer.max_epochs or trainer.max_steps (at least one, >= 1)")
     at_least_one = ("accumulate_grad_batches", "log_every_n_steps", "val_every_n_epochs", "devices")
     _check_min(trainer_cfg, "trainer", at_least_one, minimum=1, optional=False)
-    optional = ("max_epochs", "max_steps", "limit_train_batches", "limit_val_batches")
+    optional = (
+        "max_epochs", "max_steps", "limit_train_batches", "limit_val_batches", "limit_test_batches"
+    )  # fmt: skip
     _check_min(trainer_cfg, "trainer", (*optional, "val_every_n_steps"), minimum=1, optional=True)
     clip = trainer_cfg.gradient_clip_val
     if clip is not None and not clip > 0:

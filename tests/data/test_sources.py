@@ -18,6 +18,7 @@ from tests.data.helpers import (
 from trainer.data import offline, sources
 from trainer.data.idx import read_idx
 from trainer.data.sources import FASHION_MNIST, MNIST, DatasetSpec, load_dataset_bytes
+from trainer.error_messages import describe_user_error
 from trainer.errors import DataError
 
 
@@ -152,6 +153,12 @@ def test_all_sources_failing_gives_one_error(tmp_path, serve, monkeypatch):
     assert "no net" in msg
     for hint in ("TRAINER_DATA_DIR", "data.download=true", "a25bea736e30d166cdddb491f175f624"):
         assert hint in msg
+    # As the user sees it: a first line that says what to do, then one tried source a line.
+    first, *details = describe_user_error(e.value).splitlines()
+    assert first.startswith("MNIST files train-labels-idx1-ubyte, t10k-labels-idx1-ubyte could")
+    assert "Put them into" in first and "TRAINER_DATA_DIR" in first and "|" not in first
+    assert all(line.startswith("  ") for line in details)
+    assert sum(line.startswith("  - mirror ") for line in details) >= 3
     assert leftovers(tmp_path / "MNIST" / "raw") == []
 
 

