@@ -174,7 +174,7 @@ def trainer_row(args: argparse.Namespace, precision: str) -> float:
 
     from hydra import compose, initialize_config_module
 
-    from trainer.config import register_configs
+    from trainer.config.schema import register_configs
     from trainer.run import train
 
     register_configs()

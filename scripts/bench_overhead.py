@@ -29,12 +29,12 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from torch.nn import functional as F
 
-from trainer.config import register_configs
-from trainer.distributed import SINGLE
+from trainer.checkpoint.resume import CheckpointFiles
+from trainer.config.schema import register_configs
+from trainer.distributed.context import SINGLE
+from trainer.loop.trainer import Trainer
 from trainer.optim import build_optimizer
-from trainer.resume import CheckpointFiles
 from trainer.run import split_batches
-from trainer.trainer import Trainer
 
 
 class _FakeTerminal(io.StringIO):

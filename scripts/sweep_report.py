@@ -1,6 +1,6 @@
 """Summarize a sweep: `python scripts/sweep_report.py multirun/<date>/<time>` (docs/sweeps.md)."""
 
-from trainer.sweep_report import main
+from trainer.sweep.report import main
 
 if __name__ == "__main__":
     main()

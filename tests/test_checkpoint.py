@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from trainer.checkpoint import (
+from trainer.checkpoint.io import (
     capture_rng,
     link_checkpoint,
     load_checkpoint,

@@ -13,12 +13,12 @@ import torch
 
 from tests.conftest import compose_config
 from trainer import resume
-from trainer.checkpoint import capture_rng, load_checkpoint, save_checkpoint
-from trainer.config import job_dirname
+from trainer.checkpoint.io import capture_rng, load_checkpoint, save_checkpoint
+from trainer.checkpoint.resume import CheckpointFiles, find_resume_state
+from trainer.config.schema import job_dirname
 from trainer.errors import CheckpointError, ConfigError
+from trainer.loop.nan_guard import NanGuard
 from trainer.models.mlp import MLP
-from trainer.nan_guard import NanGuard
-from trainer.resume import CheckpointFiles, find_resume_state
 
 
 def _state(step: int) -> dict:
@@ -63,7 +63,7 @@ def test_discovery_skips_damaged_newest_and_removes_partial_writes(
     (tmp_path / ".step_00000020.pt.abc.tmp").write_bytes(b"half a checkpoint")
     newest = tmp_path / "step_00000015.pt"
     newest.write_bytes(os.urandom(1000))  # also damages last.pt: the same file
-    with caplog.at_level(logging.INFO, logger="trainer.resume"):
+    with caplog.at_level(logging.INFO, logger="trainer.checkpoint.resume"):
         state, path = find_resume_state(files)
     assert path.name == "step_00000010.pt" and state["global_step"] == 10
     assert "skipping unusable checkpoint" in caplog.text and str(newest) in caplog.text

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.run import train
 
 RECIPE = [

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.errors import CheckpointError
 from trainer.run import train
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import REPO, require_data, run_cli
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 
 EXAMPLE = REPO / "examples" / "byo"
 SMALL = [

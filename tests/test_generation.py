@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer import cli
-from trainer.checkpoint import save_checkpoint
+from trainer.checkpoint.io import save_checkpoint
 from trainer.data.tokenizers import CharTokenizer
 from trainer.errors import UserError
 from trainer.generation import encode_prompt, generate, sample_next, sample_texts

@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
 from tests.test_distributed import spawned_workers
-from trainer.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
+from trainer.loop.preemption import EXIT_PREEMPTED, PREEMPTED_MARKER
 
 pytestmark = pytest.mark.slow
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from trainer.config.checks import validate_train_config
 from trainer.errors import ConfigError, DataError
 from trainer.run import train
-from trainer.validation import validate_train_config
 
 SYNTHETIC = ["data=synthetic", "trainer.max_epochs=3", "trainer.log_every_n_steps=8"]
 LM = [

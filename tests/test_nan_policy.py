@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from tests.conftest import require_data, run_cli
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.errors import NonFiniteLossError
-from trainer.nan_guard import NanGuard
+from trainer.loop.nan_guard import NanGuard
 from trainer.run import train
 
 FAULTY = "loss._target_=trainer.testing.FaultInjectingLoss"

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from tests.conftest import REPO, require_data, run_cli
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.errors import CheckpointError
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.loop.preemption import EXIT_PREEMPTED
 from trainer.testing import KILL_IN_SAVE_ENV
 
 pytestmark = pytest.mark.slow
@@ -403,8 +403,8 @@ def hard_links(folder: Path) -> set[tuple[str, str]]:
 def test_a_failed_write_never_masks_the_error_that_ends_fit(
     make_config, full_disk, monkeypatch, caplog
 ) -> None:
+    from trainer.loop.trainer import Trainer
     from trainer.run import train
-    from trainer.trainer import Trainer
 
     def broken_evaluate(self, batches, prefix):
         raise RuntimeError("evaluation crashed")

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 
 # Marks (and needs) a running cluster: skipped with the reason where there is none.
 on_cluster = pytest.mark.usefixtures("slurm")
@@ -210,7 +210,7 @@ def test_two_job_sweep_writes_folders_results_tensorboard_and_report(
     # Each ran as a task of one SLURM array job.
     assert len(slurm_job_ids(sweep_dir, 2)) == 2
     # Without accounting (as on the test cluster): said once, not three times per poll.
-    from trainer.slurm import accounting_error
+    from trainer.sweep.slurm import accounting_error
 
     if accounting_error():
         assert (out + err).count("SLURM accounting is off") == 1
@@ -347,7 +347,7 @@ def test_submitit_signal_sets_the_flag_and_its_handler_runs_after_the_save() -> 
     """submitit's SIGUSR2 handler (which requeues) runs once the trainer has stopped."""
     from submitit.core.job_environment import JobEnvironment
 
-    from trainer.preemption import PreemptionHandler
+    from trainer.loop.preemption import PreemptionHandler
 
     signum = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
     calls = []
@@ -375,7 +375,7 @@ def test_submitit_signal_sets_the_flag_and_its_handler_runs_after_the_save() -> 
 def test_submitit_sacct_error_is_shown_once_per_process() -> None:
     import logging
 
-    from trainer.slurm import quiet_submitit_logging
+    from trainer.sweep.slurm import quiet_submitit_logging
 
     logger = logging.getLogger("submitit")
     seen: list[str] = []

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require_data, run_cli
-from trainer.sweep import sweep_subdir
+from trainer.sweep.callback import sweep_subdir
 
 TRAIN = str(REPO / "train.py")
 REPORT = str(REPO / "scripts" / "sweep_report.py")
@@ -352,7 +352,7 @@ def test_a_bug_in_a_job_is_recorded_with_its_traceback_and_cleared_on_rerun(
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from trainer.sweep import SweepCallback
+    from trainer.sweep.callback import SweepCallback
 
     job_dir = tmp_path / "a=1"
     (job_dir / ".hydra").mkdir(parents=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.run import train
 
 FAST = ["model.hidden_sizes=[64]", "trainer.log_every_n_steps=10"]

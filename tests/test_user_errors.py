@@ -147,7 +147,7 @@ RESUME_ONE_MORE_EPOCH = ["resume=auto", "trainer.max_epochs=2", "scheduler=none"
 
 FULL_DISK_RUNNER = """
 import errno, os, sys, types
-import trainer.checkpoint as checkpoint
+import trainer.checkpoint.io as checkpoint
 
 class FullDiskFile:
     def __init__(self, file):

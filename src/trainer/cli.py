@@ -24,10 +24,10 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from trainer.config import SCHEMA_GROUP, register_configs
+from trainer.config.schema import SCHEMA_GROUP, register_configs
 from trainer.error_messages import describe_user_error
 from trainer.errors import Preempted
-from trainer.preemption import EXIT_PREEMPTED
+from trainer.loop.preemption import EXIT_PREEMPTED
 
 STARTED = time.time()
 # An absolute folder, not pkg://trainer.configs: Hydra reads plain files faster than

@@ -19,16 +19,16 @@ log = logging.getLogger(__name__)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    from trainer.checkpoint import load_checkpoint, load_model_state
-    from trainer.evaluation import evaluate_model
-    from trainer.finetune.export import build_model
-    from trainer.runtime import autocast_context
-    from trainer.validation import (
+    from trainer.checkpoint.io import load_checkpoint, load_model_state
+    from trainer.config.checks import (
         check_model_fits_data,
         check_task_fits,
         is_image_data,
         validate_eval_config,
     )
+    from trainer.finetune.export import build_model
+    from trainer.loop.evaluation import evaluate_model
+    from trainer.runtime import autocast_context
 
     device = validate_eval_config(cfg)
     state = load_checkpoint(cfg.ckpt_path, device)

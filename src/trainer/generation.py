@@ -326,7 +326,7 @@ def run_generate(cfg: Any) -> GeneratedText:
     import sys
     from pathlib import Path
 
-    from trainer.checkpoint import load_checkpoint, load_model_state
+    from trainer.checkpoint.io import load_checkpoint, load_model_state
     from trainer.errors import CheckpointError, ConfigError
     from trainer.finetune.export import build_model
 

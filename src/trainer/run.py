@@ -19,12 +19,17 @@ from typing import TYPE_CHECKING, Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.checkpoint.resume import (
+    CheckpointFiles,
+    check_run_dir_free,
+    finished_results,
+    resume_state,
+)
 from trainer.errors import ConfigError, Preempted, UserError
-from trainer.resume import CheckpointFiles, check_run_dir_free, finished_results, resume_state
 from trainer.run_files import log_run_files, log_run_folder
 
 if TYPE_CHECKING:
-    from trainer.pruning import PruningTarget
+    from trainer.sweep.pruning import PruningTarget
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +49,7 @@ class HydraJob:
 
     @classmethod
     def current(cls, cfg: DictConfig) -> HydraJob:
-        from trainer.pruning import pruning_target
+        from trainer.sweep.pruning import pruning_target
 
         return cls(tuple(task_overrides()), job_num(), pruning_target(cfg), job_id())
 
@@ -59,7 +64,8 @@ def train(
     """
     import torch
 
-    from trainer.distributed import (
+    from trainer.config.checks import validate_train_config
+    from trainer.distributed.context import (
         SINGLE,
         destroy_process_group,
         init_process_group,
@@ -67,8 +73,7 @@ def train(
         lost_peer,
         peer_error_line,
     )
-    from trainer.preemption import PreemptionHandler, clear_preempted_mark, mark_preempted
-    from trainer.validation import validate_train_config
+    from trainer.loop.preemption import PreemptionHandler, clear_preempted_mark, mark_preempted
 
     started = started or time.time()
     output_dir = Path(cfg.paths.output_dir)
@@ -123,16 +128,16 @@ def _train(
     job: HydraJob,
     preemption: Any,
 ) -> float | None:
-    from trainer.checkpoint import check_state_fits, unwrapped_state_dict
-    from trainer.distributed import broadcast_object
+    from trainer.checkpoint.io import check_state_fits, unwrapped_state_dict
+    from trainer.config.checks import check_model_fits_data, check_task_fits, is_image_data
+    from trainer.distributed.context import broadcast_object
+    from trainer.distributed.strategies import make_strategy
     from trainer.finetune import make_unfreezer, prepare_model
+    from trainer.loop.trainer import Trainer
     from trainer.optim import build_optimizer
     from trainer.provenance import provenance
-    from trainer.pruning import pruning_callback
     from trainer.runtime import imported_in_background, seed_everything
-    from trainer.strategies import make_strategy
-    from trainer.trainer import Trainer
-    from trainer.validation import check_model_fits_data, check_task_fits, is_image_data
+    from trainer.sweep.pruning import pruning_callback
 
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
@@ -323,7 +328,7 @@ def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> fl
     """Run this job as `trainer.devices` spawned ranks; rank 0 writes the results."""
     import torch
 
-    from trainer.distributed import spawn
+    from trainer.distributed.context import spawn
 
     devices = cfg.trainer.devices
     if device.type == "cuda" and devices > torch.cuda.device_count():
@@ -347,7 +352,7 @@ def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> fl
 def _worker(container: dict, started: float, log_file: str | None, job: HydraJob) -> None:
     import os
 
-    from trainer.distributed import configure_worker_logging
+    from trainer.distributed.context import configure_worker_logging
 
     configure_worker_logging(log_file, is_main=os.environ.get("RANK") == "0")
     train(OmegaConf.create(container), started, job)

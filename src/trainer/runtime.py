@@ -11,7 +11,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 
-from trainer.config import ACCELERATORS, PRECISIONS
+from trainer.config.schema import ACCELERATORS, PRECISIONS
 from trainer.errors import ConfigError
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from trainer.checkpoint_writer import settle
+from trainer.checkpoint.writer import settle
 
 # SIGKILL this process while it writes the checkpoint of this file name (e.g.
 # step_00000016.pt): after its bytes are written, before the rename.

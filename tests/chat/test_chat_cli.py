@@ -88,7 +88,7 @@ def test_dpo_resumed_mid_epoch_ends_with_the_same_weights(
     """The frozen reference is the starting model in a resumed run too (it is copied
     before the checkpoint loads), so training on from step 2 equals a straight run."""
     from tests.conftest import compose_config
-    from trainer.checkpoint import load_checkpoint
+    from trainer.checkpoint.io import load_checkpoint
     from trainer.run import train
 
     def config(out: Path, *extra: str) -> Any:

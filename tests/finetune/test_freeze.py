@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import REPO, compose_config, run_cli
 from tests.finetune.conftest import TINY_CNN
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.run import train
 
 TINY_MLP = [

@@ -13,7 +13,7 @@ from torch import nn
 
 from tests.conftest import compose_config, run_cli
 from tests.finetune.conftest import TINY_CNN
-from trainer.checkpoint import load_checkpoint, load_model_state
+from trainer.checkpoint.io import load_checkpoint, load_model_state
 from trainer.errors import ConfigError
 from trainer.evaluate import evaluate
 from trainer.finetune.export import build_model, export_checkpoint

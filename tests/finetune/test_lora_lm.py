@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import compose_config
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 
 pytest.importorskip("peft")
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import compose_config
 from tests.finetune.conftest import TINY_CNN
-from trainer.checkpoint import load_checkpoint
+from trainer.checkpoint.io import load_checkpoint
 from trainer.errors import CheckpointError, ConfigError
 from trainer.finetune.pretrained import load_pretrained, parse_key_map, rename_keys
 

@@ -9,7 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from tests.conftest import compose_config
-from trainer.checkpoint import load_checkpoint, load_model_state, save_checkpoint
+from trainer.checkpoint.io import load_checkpoint, load_model_state, save_checkpoint
 from trainer.errors import ConfigError
 from trainer.models.gpt import GPT
 from trainer.optim import param_groups

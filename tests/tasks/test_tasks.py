@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from trainer.errors import ConfigError, DataError
-from trainer.evaluation import evaluate_model
+from trainer.loop.evaluation import evaluate_model
 from trainer.tasks.classification import ClassificationTask
 from trainer.tasks.language_modeling import LanguageModelingTask
 

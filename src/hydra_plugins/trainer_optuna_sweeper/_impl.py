@@ -31,7 +31,7 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
     def sweep(self, arguments: list[str]) -> None:
         import optuna
 
-        from trainer.pruning import PRUNED_ATTR, absolute_storage
+        from trainer.sweep.pruning import PRUNED_ATTR, absolute_storage
 
         self._process_searchspace_config()
         params = self._parse_sweeper_params_config() + list(arguments)
@@ -121,7 +121,7 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
         folders' results.json, so the report says what happened to them."""
         import optuna
 
-        from trainer.sweep import RESULTS_FILE, record_failure
+        from trainer.sweep.callback import RESULTS_FILE, record_failure
 
         running = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
         if not running:

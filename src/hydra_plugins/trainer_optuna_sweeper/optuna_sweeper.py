@@ -7,7 +7,7 @@ plugin's search space syntax and options, and adds:
 
 - `pruner`: an Optuna pruner (`_target_: optuna.pruners.MedianPruner`, ...), or null;
 - trial N runs as job N (folder `N_<overrides>`), so a job finds its trial in
-  the study (trainer.pruning) and a continued study never reuses a folder;
+  the study (trainer.sweep.pruning) and a continued study never reuses a folder;
 - a job that its pruner stopped is told to the study as PRUNED, a job that
   failed (recorded by trainer.sweep.SweepCallback) as FAIL, and the search goes
   on while the failures of a batch stay within `max_failure_rate`;

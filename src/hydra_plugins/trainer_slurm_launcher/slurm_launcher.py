@@ -28,6 +28,6 @@ if PluginSlurmLauncher is not None:
         def launch(
             self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
         ) -> Sequence[JobReturn]:
-            from trainer.slurm import launch
+            from trainer.sweep.slurm import launch
 
             return launch(self, job_overrides, initial_job_idx)

@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from trainer.checkpoint import load_checkpoint, load_model_state
+from trainer.checkpoint.io import load_checkpoint, load_model_state
 from trainer.errors import CheckpointError, UserError
 from trainer.finetune.lora import apply_lora, has_lora, merge_lora, save_adapter
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from trainer.checkpoint import load_checkpoint, unwrapped_state_dict
+from trainer.checkpoint.io import load_checkpoint, unwrapped_state_dict
 from trainer.errors import CheckpointError, ConfigError
 from trainer.patterns import matches_any
 

@@ -1,6 +1,6 @@
 """What a task is: the part of training that differs between kinds of work.
 
-The loop (trainer/trainer.py), checkpoints, logging and distribution know
+The loop (trainer/loop/trainer.py), checkpoints, logging and distribution know
 nothing of images or tokens. A task turns one batch into a loss, counts the
 units a batch holds (images, tokens), and scores batches for validation as
 additive sums on the device, so a distributed evaluation all-reduces them and

@@ -61,7 +61,7 @@ class TrainerConfig:
     # Stop once the monitored metric reaches this value (>= for max, <= for min).
     stop_at: float | None = None
     test_after_fit: bool = True
-    # What a non-finite (NaN/Inf) training loss does: error | skip (see trainer/nan_guard.py).
+    # What a non-finite (NaN/Inf) training loss does: error | skip (see trainer/loop/nan_guard.py).
     nan_policy: str = "error"
     # With nan_policy=skip: stop with an error after this many skipped steps in a row.
     max_consecutive_nan: int = 10
@@ -221,7 +221,7 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("trainer.run_name", run_name, replace=True)
     OmegaConf.register_new_resolver("trainer.job_dirname", job_dirname, replace=True)
     from hydra_plugins.trainer_optuna_sweeper.optuna_sweeper import register as register_sweeper
-    from trainer.sweep import register_resolvers
+    from trainer.sweep.callback import register_resolvers
 
     register_resolvers()
     register_sweeper()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import (
+from trainer.config.schema import (
     ACCELERATORS,
     NAN_POLICIES,
     PRECISIONS,

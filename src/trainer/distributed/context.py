@@ -152,7 +152,7 @@ def spawn(worker: Callable[..., None], nprocs: int, args: tuple) -> str | None:
     comes back as the same one-line UserError.
 
     While it waits, SIGTERM/SIGUSR1 to this launcher are forwarded to the
-    workers (trainer.preemption.FORWARDED_SIGNAL): they agree on a step, save
+    workers (trainer.loop.preemption.FORWARDED_SIGNAL): they agree on a step, save
     and return, and rank 0's `preempted` message is returned here. A second
     signal ends the launcher at once. Workers die with their launcher, even a
     SIGKILLed one (PR_SET_PDEATHSIG on Linux).
@@ -205,7 +205,7 @@ def _start_resource_tracker() -> None:
     SIGUSR1: started with both ignored, it outlives a preemption signal to the group."""
     from multiprocessing import resource_tracker
 
-    from trainer.preemption import SIGNALS
+    from trainer.loop.preemption import SIGNALS
 
     if threading.current_thread() is not threading.main_thread():
         resource_tracker.ensure_running()
@@ -223,7 +223,7 @@ class _Forwarder:
     goes on to the workers; a second one ends the launcher (and so the workers)."""
 
     def __init__(self, shared_signal: Any) -> None:
-        from trainer.preemption import SIGNALS
+        from trainer.loop.preemption import SIGNALS
 
         self.shared_signal, self.signals = shared_signal, SIGNALS
         self.pids: list[int] = []
@@ -255,7 +255,7 @@ class _Forwarder:
         self._forward()
 
     def _forward(self) -> None:
-        from trainer.preemption import FORWARDED_SIGNAL
+        from trainer.loop.preemption import FORWARDED_SIGNAL
 
         for pid in self.pids:
             try:
@@ -287,7 +287,7 @@ def _worker_entry(
     args: tuple,
 ) -> None:
     from trainer.errors import Preempted
-    from trainer.preemption import follow_launcher
+    from trainer.loop.preemption import follow_launcher
 
     _die_with_parent(parent)
     follow_launcher(forwarded)

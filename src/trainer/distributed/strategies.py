@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.checkpoint import check_state_fits, load_model_state, unwrapped_state_dict
-from trainer.distributed import SINGLE, DistContext
+from trainer.checkpoint.io import check_state_fits, load_model_state, unwrapped_state_dict
+from trainer.distributed.context import SINGLE, DistContext
 
 
 class SingleProcess:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from trainer.distributed import SINGLE, DistContext, all_reduce_sum
+from trainer.distributed.context import SINGLE, DistContext, all_reduce_sum
 from trainer.tasks.base import Task
 
 

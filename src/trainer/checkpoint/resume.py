@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from trainer.checkpoint import link_checkpoint, load_checkpoint, save_checkpoint
-from trainer.checkpoint_writer import BackgroundWriter, snapshot
+from trainer.checkpoint.io import link_checkpoint, load_checkpoint, save_checkpoint
+from trainer.checkpoint.writer import BackgroundWriter, snapshot
 from trainer.errors import CheckpointError, ConfigError, RunDirInUseError
 
 log = logging.getLogger(__name__)

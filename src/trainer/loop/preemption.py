@@ -99,7 +99,7 @@ class PreemptionHandler:
             elif exchange:
                 import torch
 
-                from trainer.distributed import all_reduce_sum
+                from trainer.distributed.context import all_reduce_sum
 
                 flag = torch.tensor(float(self.requested), device=device)
                 self.agreed = all_reduce_sum(flag, dist).item() > 0

@@ -143,7 +143,7 @@ class SweepCallback(Callback):
         # A continued sweep reuses its folder: only this invocation's failures count.
         self._started = time.time() - 1.0
         if OmegaConf.select(config, "hydra.launcher._target_") == PLUGIN_SLURM_LAUNCHER:
-            from trainer.slurm import use_trainer_launcher
+            from trainer.sweep.slurm import use_trainer_launcher
 
             use_trainer_launcher(config)
         sweep_dir = Path(config.hydra.sweep.dir)

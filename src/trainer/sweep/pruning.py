@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from trainer.distributed import SINGLE, DistContext, broadcast_object
+from trainer.distributed.context import SINGLE, DistContext, broadcast_object
 from trainer.errors import ConfigError
 
 if TYPE_CHECKING:

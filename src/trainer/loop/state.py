@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer.checkpoint import capture_rng, restore_rng
-from trainer.distributed import gather_rng_states
+from trainer.checkpoint.io import capture_rng, restore_rng
+from trainer.distributed.context import gather_rng_states
 from trainer.errors import CheckpointError
 
 if TYPE_CHECKING:
-    from trainer.trainer import Trainer
+    from trainer.loop.trainer import Trainer
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from trainer.distributed import SINGLE, DistContext, all_reduce_min, all_reduce_sum
+from trainer.distributed.context import SINGLE, DistContext, all_reduce_min, all_reduce_sum
 from trainer.errors import NonFiniteLossError
 
 log = logging.getLogger(__name__)

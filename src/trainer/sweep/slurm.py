@@ -15,7 +15,7 @@ they are and `hydra/launcher=submitit_slurm` gets:
   then come from `squeue`, and that is said once.
 
 The job side is unchanged: each job runs in submitit's process, whose SIGUSR2
-handler requeues the job after the trainer saved its checkpoint (trainer.preemption).
+handler requeues the job after the trainer saved its checkpoint (trainer.loop.preemption).
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def _result(
 
 def _failed(launcher: Any, overrides: list[str], idx: int, error: Exception) -> JobReturn:
     """Record the job as failed in its folder, as the job itself would have."""
-    from trainer.sweep import record_failure
+    from trainer.sweep.callback import record_failure
 
     config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
     folder = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)

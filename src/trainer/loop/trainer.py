@@ -27,18 +27,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from trainer.checkpoint import load_checkpoint
-from trainer.config import plain_config
+from trainer.checkpoint.io import load_checkpoint
+from trainer.checkpoint.resume import CheckpointFiles
+from trainer.config.schema import plain_config
 from trainer.data.batches import SplitBatches
-from trainer.distributed import all_reduce_sum, barrier
+from trainer.distributed.context import all_reduce_sum, barrier
+from trainer.distributed.strategies import SingleProcess
 from trainer.errors import ConfigError, Preempted
-from trainer.evaluation import evaluate_model
-from trainer.nan_guard import NanGuard
-from trainer.preemption import PreemptionHandler
-from trainer.resume import CheckpointFiles
+from trainer.loop.evaluation import evaluate_model
+from trainer.loop.nan_guard import NanGuard
+from trainer.loop.preemption import PreemptionHandler
+from trainer.loop.state import TrainMeters, load_training_state, state_key, training_state
 from trainer.runtime import AUTOCAST_DTYPES, autocast_context, resolve_precision
-from trainer.state import TrainMeters, load_training_state, state_key, training_state
-from trainer.strategies import SingleProcess
 from trainer.tasks.base import Task
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Checkpoint files: atomic I/O, the background writer, naming, retention, resume."""

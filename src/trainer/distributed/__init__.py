@@ -1,0 +1,1 @@
+"""torch.distributed: the process context, collectives, DDP/FSDP strategies."""

@@ -1,0 +1,1 @@
+"""Sweeps: the job callback, pruning, SLURM, the report."""
