@@ -39,6 +39,7 @@ TINY = [
     "trainer.progress_bar=false",  # last: bench_readme's rule leaves it out
 ]
 PLACEHOLDERS = {"<date>/<time>": "2026-01-01/00-00-00"}
+LM_TINY = ["scheduler.warmup_steps=1", "data.val_windows=24", "trainer.val_every_n_steps=null"]
 
 
 def slurm_partition() -> str | None:
@@ -84,6 +85,13 @@ RULES = [
         ],
     ),
     Rule(r"hparams_search=", append=["hydra.sweeper.n_trials=2", *TINY]),
+    # The language-model recipes warm up for 100 steps: a tiny run warms up for one.
+    Rule(r"experiment=shakespeare", append=[*TINY, *LM_TINY]),
+    Rule(r"generate\.py", append=["max_new_tokens=20"]),
+    Rule(
+        r"scripts/bench_generate\.py", append=["--rounds", "1", "--tokens", "20", "--sizes", "cpu"]
+    ),
+    Rule(r"scripts/bench_nanogpt\.py", append=[*TINY, *LM_TINY]),
     Rule(r"(train|eval)\.py", append=TINY),
     Rule(r"^tensorboard --logdir "),
     Rule(r"scripts/(sweep_report|export)\.py"),
@@ -103,6 +111,12 @@ PROVIDERS = {
     "outputs/mnist-mlp": ["train.py", "run_id=mnist-mlp"],
     "outputs/mnist-cnn": ["train.py", "model=cnn", "run_id=mnist-cnn"],
     "multirun/<date>/<time>": ["train.py", "-m", "optimizer.lr=1e-3,3e-3"],
+    "outputs/shakespeare": [
+        "train.py",
+        "experiment=shakespeare_char_cpu",
+        "run_id=shakespeare",
+        *LM_TINY[:2],
+    ],
 }
 RUN_PATH = re.compile(r"(?:^|[\s=])((?:outputs|multirun)/(?:<date>/<time>|[\w.-]+))")
 
@@ -204,6 +218,11 @@ def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
         if partition is None:
             pytest.skip("needs a SLURM cluster (sinfo finds none here)")
         append = [a.replace("{slurm_partition}", partition) for a in append]
+    cwd = tmp_path
+    moved = re.match(r"cd (\S+) && (.*)", command)
+    if moved:  # run from a folder of the repo (examples/...); the run folder stays here
+        cwd, command = REPO / moved.group(1), moved.group(2)
+        append.append(f"hydra.run.dir={tmp_path / 'outputs' / 'run'}")
     words = argv(command)
     needed = RUN_PATH.findall(command)
     if words[0] == "tensorboard" and not (tmp_path / words[words.index("--logdir") + 1]).exists():
@@ -217,7 +236,7 @@ def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
         return
     done = subprocess.run(
         [*words, *append],
-        cwd=tmp_path,
+        cwd=cwd,
         env={**os.environ, "TRAINER_DATA_DIR": str(require_data())},
         capture_output=True,
         text=True,
