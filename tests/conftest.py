@@ -84,7 +84,7 @@ class _FullDiskFile:
 @pytest.fixture
 def full_disk(monkeypatch: pytest.MonkeyPatch) -> Callable[[], None]:
     """Call it, and every checkpoint write from then on runs out of space mid-file."""
-    from trainer import checkpoint
+    from trainer.checkpoint import io as checkpoint
 
     recording_init = checkpoint._RecordingWriter.__init__
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import compose_config
-from trainer import resume
+from trainer.checkpoint import resume
 from trainer.checkpoint.io import capture_rng, load_checkpoint, save_checkpoint
 from trainer.checkpoint.resume import CheckpointFiles, find_resume_state
 from trainer.config.schema import job_dirname

@@ -355,7 +355,7 @@ def test_async_and_sync_writes_give_the_same_checkpoints(
 ) -> None:
     import threading
 
-    from trainer import resume
+    from trainer.checkpoint import resume
     from trainer.run import train
 
     assert make_config().checkpoint.async_write is True  # the default
