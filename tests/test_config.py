@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from tests.conftest import REPO, compose_config
+from tests.conftest import DATA_DIR, REPO, compose_config
 
 GROUPS = {
     group.name: sorted(p.stem for p in group.glob("*.yaml"))
@@ -41,8 +41,19 @@ def test_every_group_has_options() -> None:
     assert {"frozen_backbone", "full", "lora", "lora_lm", "none"} <= set(GROUPS["finetune"])
 
 
-# Pre-trained language models need a tokenized text task: tests/models/test_hf.py.
-LANGUAGE_MODELS = {"hf_causal_lm", "smollm2_135m_instruct"}
+# Options that need a pre-trained model or a user's dataset, each composed and run where
+# that exists: the value says where.
+COVERED_ELSEWHERE = {
+    "model=hf_causal_lm": "tests/models/test_hf.py",
+    "model=smollm2_135m_instruct": "tests/models/test_smollm2.py",
+    "data=chatterbot_sft": "tests/chat/test_chat_configs.py",
+    "data=chatterbot_dpo": "tests/chat/test_chat_configs.py",
+    "data=jsonl_sft": "tests/chat/test_chat_configs.py",
+    "data=jsonl_dpo": "tests/chat/test_chat_configs.py",
+    "task=dpo": "tests/chat/test_chat_configs.py",
+    "data=dataset": "tests/test_loop.py, tests/test_examples.py",
+    "data=shakespeare_complete_hf": "test_domain_adaptation_data_uses_the_model_tokenizer below",
+}
 
 
 @pytest.mark.parametrize(
@@ -51,7 +62,7 @@ LANGUAGE_MODELS = {"hf_causal_lm", "smollm2_135m_instruct"}
         (g, o)
         for g, options in GROUPS.items()
         for o in options
-        if not (g == "model" and o in LANGUAGE_MODELS)
+        if f"{g}={o}" not in COVERED_ELSEWHERE
     ],
 )
 def test_each_option_composes_and_instantiates(group: str, option: str, tmp_path: Path) -> None:
@@ -139,3 +150,28 @@ def test_packaged_configs_list_matches_source_tree() -> None:
         for p in (REPO / "src" / "hydra_plugins").glob("*/__init__.py")
     }
     assert on_disk | plugins | {"trainer.configs"} == listed
+
+
+def test_domain_adaptation_data_uses_the_model_tokenizer(tiny_llama: Path, tmp_path: Path) -> None:
+    """data=shakespeare_complete_hf tokenizes with the pre-trained model's own tokenizer."""
+    text = tmp_path / "corpus.txt"
+    text.write_text((DATA_DIR / "tinyshakespeare" / "input.txt").read_text()[:50000])
+    cfg = compose_config(
+        [
+            "model=hf_causal_lm",
+            f"model.name_or_path={tiny_llama}",
+            "data=shakespeare_complete_hf",
+            f"data.corpus={text}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.block_size=32",
+            "task=language_modeling",
+        ],
+        tmp_path,
+    )
+    data = instantiate(cfg.data, _convert_="all")
+    data.setup(torch.device("cpu"))
+    assert data.tokenizer.name_or_path == str(tiny_llama)
+    batch = next(iter(data.batches("train").epoch(0)))
+    task = instantiate(cfg.task, loss=instantiate(cfg.loss))
+    task.check_batch(batch)
+    assert task.training_loss(instantiate(cfg.model, _convert_="all"), batch).ndim == 0

@@ -77,6 +77,13 @@ CASES = [
     Case("accumulate-zero", ["trainer.accumulate_grad_batches=0"], "must be >= 1"),
     Case("clip-negative", ["trainer.gradient_clip_val=-1"], "gradient_clip_val=-1.0 must be > 0"),
     Case("monitor", ["trainer.monitor=val/accuracy"], "not a validation metric"),
+    Case("nan-policy", ["trainer.nan_policy=ignore"], "nan_policy='ignore' must be one of"),
+    Case("strategy", ["trainer.strategy=fsdpp"], "did you mean fsdp?"),
+    Case(
+        "monitor-of-other-task",
+        ["trainer.monitor=val/ppl"],
+        "not a validation metric of the task; choose one of val/loss, val/acc",
+    ),
     Case(
         "stopping-without-val",
         ["data.val_size=0", "trainer.early_stopping.patience=2"],

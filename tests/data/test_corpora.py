@@ -61,7 +61,10 @@ def test_bad_local_file_is_rejected_and_a_good_mirror_replaces_it(tmp_path, tiny
     assert any(f"mirror {bad}: MD5" in line for line in listing)
     assert any("mirror http://127.0.0.1:1/x: " in line for line in listing)
     assert (folder / "input.txt").read_bytes() == edited  # a bad download never overwrites
-    assert describe_user_error(e.value).count("\n") == 0
+    # One line says what to do; the sources tried follow, indented (errors.py's convention).
+    summary, *details = describe_user_error(e.value).splitlines()
+    assert "every source failed" in summary and details
+    assert all(line.startswith("  ") for line in details)
 
     good = serve({"input.txt": tiny_bytes}) + "input.txt"
     corpus = load_corpus("shakespeare_char", tmp_path / "data", mirrors=[bad, good], retries=0)

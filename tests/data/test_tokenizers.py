@@ -84,6 +84,6 @@ def test_hf_tokenizer(tiny_llama_dir, tmp_path, tiny_text, monkeypatch):
     state["vocab_sha256"] = "0" * 64
     with pytest.raises(CheckpointError, match="not the one this checkpoint was trained with"):
         tokenizer_from_state(state)
-    with pytest.raises(ConfigError, match="cannot load the tokenizer") as e:
+    with pytest.raises(ConfigError, match=r"nothing_here: no such folder") as e:
         HFTokenizer(str(tmp_path / "nothing_here"))
     assert "\n" not in str(e.value)
