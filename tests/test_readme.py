@@ -87,7 +87,7 @@ RULES = [
     Rule(r"hparams_search=", append=["hydra.sweeper.n_trials=2", *TINY]),
     # The language-model recipes warm up for 100 steps: a tiny run warms up for one.
     Rule(r"experiment=shakespeare", append=[*TINY, *LM_TINY]),
-    Rule(r"generate\.py", append=["max_new_tokens=20"]),
+    Rule(r"^python generate\.py", append=["max_new_tokens=20"]),
     Rule(
         r"scripts/bench_generate\.py", append=["--rounds", "1", "--tokens", "20", "--sizes", "cpu"]
     ),

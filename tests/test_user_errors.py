@@ -245,7 +245,7 @@ def test_full_tmpfs_during_checkpoint_write_keeps_previous(workspace: dict, tmp_
 def test_real_bug_keeps_its_traceback(tmp_path: Path) -> None:
     require_data()
     bug = (
-        "import sys, trainer.trainer as t\n"
+        "import sys, trainer.loop.trainer as t\n"
         "def broken(self): raise ZeroDivisionError('a bug in the loop')\n"
         "t.Trainer.fit = broken\n"
         "sys.argv = ['train.py', *sys.argv[1:]]\n"

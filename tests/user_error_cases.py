@@ -41,7 +41,11 @@ class Case:
 
 CASES = [
     # Hydra composition: unknown group option, unknown keys, types, override syntax.
-    Case("group-option", ["model=mlpp"], "model=mlpp is not an option; available: cnn, mlp"),
+    Case(
+        "group-option",
+        ["model=mlpp"],
+        "model=mlpp is not an option; available: cnn, gpt, gpt_moe, hf_causal_lm, mlp,",
+    ),
     Case("group-option-data", ["data=cifar"], "data=cifar is not an option; available:"),
     Case("key-typo", ["trainer.max_epoch=3"], "did you mean trainer.max_epochs"),
     Case("key-misplaced", ["lr=0.1"], "unknown config key lr; did you mean optimizer.lr"),
