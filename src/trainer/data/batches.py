@@ -122,19 +122,9 @@ class LoaderBatches:
         limit_batches: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        # Index plan computed by InMemoryBatches over an index tensor: one order function.
-        self._plan = InMemoryBatches(
-            torch.arange(len(labels)),
-            torch.arange(len(labels)),
-            batch_size,
-            0.0,
-            1.0,
-            shuffle,
-            seed,
-            drop_last,
-            rank,
-            world_size,
-            limit_batches,
+        # The same order function as InMemoryBatches, over indices.
+        self._plan = BatchPlan(
+            len(labels), batch_size, shuffle, seed, drop_last, rank, world_size, limit_batches
         )
         self.dataset = _IndexedImages(images, labels)
         self.device, self.num_workers = device, num_workers
@@ -144,7 +134,7 @@ class LoaderBatches:
         return len(self._plan)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
-        plan = [idx.tolist() for _, idx in self._plan.epoch(epoch, start_batch)]
+        plan = [idx.tolist() for idx in self._plan.epoch(epoch, start_batch) if len(idx)]
         # Without its own generator a DataLoader draws its worker seed from the global
         # torch RNG each epoch, and a run resumed mid-epoch would draw it at another point.
         generator = torch.Generator().manual_seed((self._plan.seed * 1_000_003 + epoch) % 2**63)
