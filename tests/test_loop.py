@@ -79,3 +79,25 @@ def test_setup_errors_name_the_problem(make_config) -> None:
     with pytest.raises(ConfigError, match="CharGRU does not fit LanguageModelingTask"):
         train(cfg)
     assert not (Path(cfg.paths.output_dir) / "results.json").exists()
+
+
+def test_val_at_start_logs_the_starting_weights_once_and_never_as_the_best(make_config) -> None:
+    from tests.test_trainer import read_scalars
+
+    common = [*LM, "trainer.val_at_start=true", "scheduler=none"]
+    cfg = make_config(*common, "trainer.max_epochs=1")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    val = dict(read_scalars(out / "tensorboard")["val/loss"])
+    steps = results(cfg)["steps"]
+    assert sorted(val) == [0, steps]
+    assert val[0] > val[steps] + 0.5  # the untrained model at step 0, the trained one after
+    assert results(cfg)["best_step"] == steps
+
+    # Continued from a checkpoint, it does not validate the (no longer starting) weights first.
+    ckpt = out / "checkpoints" / "last.pt"
+    more = make_config(
+        *common, "trainer.max_epochs=2", f"ckpt_path={ckpt}", output_dir=out / "more"
+    )
+    train(more)
+    assert [s for s, _ in read_scalars(out / "more" / "tensorboard")["val/loss"]] == [2 * steps]

@@ -49,6 +49,9 @@ class TrainerConfig:
     limit_test_batches: int | None = None
     val_every_n_epochs: int = 1
     val_every_n_steps: int | None = None
+    # Validate the starting weights before the first step (a fresh run only): the "before"
+    # figure of a fine-tuning run, logged at step 0; it never counts as the best.
+    val_at_start: bool = False
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
     compile: bool = False

@@ -117,6 +117,8 @@ class Trainer:
         started = time.perf_counter()
         max_epochs = self.cfg.max_epochs or math.inf
         self._stop_at_limits(max_epochs)
+        if self.cfg.val_at_start and self.global_step == 0:
+            self._validate(track_best=False)
         try:
             while self.stop_reason is None:
                 epoch_started = time.perf_counter()
@@ -303,7 +305,7 @@ class Trainer:
         )
 
     # ---------------------------------------------------------- validation
-    def _validate(self) -> None:
+    def _validate(self, track_best: bool = True) -> None:
         if self.val_batches is None or self.validated_at_step == self.global_step:
             return
         self.validated_at_step = self.global_step
@@ -323,6 +325,8 @@ class Trainer:
                 f"trainer.monitor={self.cfg.monitor!r} is not a logged metric; "
                 f"choose one of {sorted(metrics)}"
             )
+        if not track_best:
+            return
         value = metrics[self.cfg.monitor]
         delta = self.cfg.early_stopping.min_delta
         if self.best_value is None or (

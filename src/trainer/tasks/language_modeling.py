@@ -11,6 +11,7 @@ over the whole split, whatever the batch boundaries.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from torch.nn import functional as F
 
 from trainer.errors import ConfigError, DataError
 from trainer.tasks.base import IGNORE_INDEX, Task
+from trainer.tasks.chat_samples import answer_prompts, format_answers
 
 REQUIRED_KEYS = ("input_ids", "labels")
 
@@ -50,6 +52,7 @@ class LanguageModelingTask(Task):
         sample_temperature: float = 0.8,
         sample_top_k: int | None = 200,
         sample_seed: int = 1337,
+        sample_prompts: Sequence[str] = (),
     ) -> None:
         super().__init__(monitor, monitor_mode, loss or nn.CrossEntropyLoss())
         loss_ignore = getattr(self.loss, "ignore_index", ignore_index)
@@ -62,6 +65,7 @@ class LanguageModelingTask(Task):
         self.sample_prompt, self.sample_tokens = sample_prompt, sample_tokens
         self.sample_temperature, self.sample_top_k = sample_temperature, sample_top_k
         self.sample_seed = sample_seed
+        self.sample_prompts = list(sample_prompts)
         self.tokenizer: Any = None
         self._aux_sum: torch.Tensor | None = None
         self._expert_sum: torch.Tensor | None = None
@@ -151,17 +155,22 @@ class LanguageModelingTask(Task):
         }
 
     def samples(self, model: nn.Module) -> dict[str, str]:
-        if not self.sample_prompt or self.tokenizer is None:
+        if self.tokenizer is None:
             return {}
-        from trainer.generation import generate_text
+        out = {}
+        if self.sample_prompt:
+            from trainer.generation import generate_text
 
-        text = generate_text(
-            model,
-            self.tokenizer,
-            self.sample_prompt,
-            max_new_tokens=self.sample_tokens,
-            temperature=self.sample_temperature,
-            top_k=self.sample_top_k,
-            seed=self.sample_seed,
-        )
-        return {"samples/text": text}
+            out["samples/text"] = generate_text(
+                model,
+                self.tokenizer,
+                self.sample_prompt,
+                max_new_tokens=self.sample_tokens,
+                temperature=self.sample_temperature,
+                top_k=self.sample_top_k,
+                seed=self.sample_seed,
+            )
+        if self.sample_prompts:  # an instruct model's greedy answers, chat-formatted
+            answers = answer_prompts(model, self.tokenizer, self.sample_prompts, self.sample_tokens)
+            out["answers"] = format_answers(self.sample_prompts, answers)
+        return out
