@@ -14,7 +14,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -27,9 +27,7 @@ from trainer.checkpoint.resume import (
 )
 from trainer.errors import ConfigError, Preempted, UserError
 from trainer.run_files import log_run_files, log_run_folder
-
-if TYPE_CHECKING:
-    from trainer.sweep.pruning import PruningTarget
+from trainer.sweep.pruning import PruningTarget, pruning_callback, pruning_target
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +47,6 @@ class HydraJob:
 
     @classmethod
     def current(cls, cfg: DictConfig) -> HydraJob:
-        from trainer.sweep.pruning import pruning_target
-
         return cls(tuple(task_overrides()), job_num(), pruning_target(cfg), job_id())
 
 
@@ -137,7 +133,6 @@ def _train(
     from trainer.optim import build_optimizer
     from trainer.provenance import provenance
     from trainer.runtime import imported_in_background, seed_everything
-    from trainer.sweep.pruning import pruning_callback
 
     # Rank 0's Hydra folder is the run folder of every rank.
     output_dir = Path(broadcast_object(str(cfg.paths.output_dir), ctx))
@@ -237,7 +232,7 @@ def _train(
         logger=logger,
         preemption=preemption,
         unfreezer=unfreezer,
-        callbacks=[c for c in (pruning_callback(job, ctx),) if c],
+        callbacks=[c for c in (pruning_callback(job.pruning, job.num, job.overrides, ctx),) if c],
         extra_state=extra_state,
     )
     if resume_from is not None:
@@ -328,7 +323,7 @@ def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> fl
     """Run this job as `trainer.devices` spawned ranks; rank 0 writes the results."""
     import torch
 
-    from trainer.distributed.context import spawn
+    from trainer.distributed.launch import spawn
 
     devices = cfg.trainer.devices
     if device.type == "cuda" and devices > torch.cuda.device_count():
@@ -352,7 +347,7 @@ def _spawn_workers(cfg: DictConfig, device, started: float, job: HydraJob) -> fl
 def _worker(container: dict, started: float, log_file: str | None, job: HydraJob) -> None:
     import os
 
-    from trainer.distributed.context import configure_worker_logging
+    from trainer.distributed.launch import configure_worker_logging
 
     configure_worker_logging(log_file, is_main=os.environ.get("RANK") == "0")
     train(OmegaConf.create(container), started, job)

@@ -121,7 +121,7 @@ class PruningOptunaSweeperImpl(OptunaSweeperImpl):
         folders' results.json, so the report says what happened to them."""
         import optuna
 
-        from trainer.sweep.callback import RESULTS_FILE, record_failure
+        from trainer.sweep.job_files import RESULTS_FILE, record_failure
 
         running = {t.number for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))}
         if not running:

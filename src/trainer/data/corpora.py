@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer.data.idx import atomic_write_bytes
-from trainer.data.sources import SourceFailed, md5_hex
+from trainer.data.verify import SourceFailed, md5_hex
 from trainer.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

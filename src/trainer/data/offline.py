@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data.idx import atomic_write_bytes, encode_idx, gunzip
-from trainer.data.sources import SourceFailed, md5_hex
+from trainer.data.verify import SourceFailed, md5_hex
 from trainer.errors import DataError
 
 # Offline sources; module-level so tests (or unusual machines) can repoint them.

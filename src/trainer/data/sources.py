@@ -8,7 +8,6 @@ written into the data folder only after it verified, and only by atomic rename.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import logging
 import os
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.data.idx import atomic_write_bytes, gunzip, parse_idx
+from trainer.data.verify import SourceFailed, md5_hex
 from trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,6 @@ DEFAULT_MIRRORS: dict[str, list[str]] = {
 
 # The largest real file (FashionMNIST train images) is 26 MB gzipped, 47 MB raw.
 MAX_FILE_BYTES = 256 * 1024 * 1024
-
-
-class SourceFailed(Exception):
-    """One source cannot supply the files; the reason goes into the final error."""
-
-
-def md5_hex(data: bytes) -> str:
-    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 def load_dataset_bytes(

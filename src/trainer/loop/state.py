@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sized
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from trainer.checkpoint.io import capture_rng, restore_rng
-from trainer.distributed.context import gather_rng_states
+from trainer.distributed.context import DistContext, gather_rng_states
+from trainer.distributed.strategies import SingleProcess
 from trainer.errors import CheckpointError
-
-if TYPE_CHECKING:
-    from trainer.loop.trainer import Trainer
+from trainer.loop.nan_guard import NanGuard
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,40 @@ log = logging.getLogger(__name__)
 LIMIT_STOPS = ("max_epochs", "max_steps")
 
 
-def training_state(trainer: Trainer) -> dict[str, Any]:
+class CheckpointedLoop(Protocol):
+    """What a checkpoint reads and restores of the loop (trainer.loop.trainer.Trainer):
+    its parts, its position and its best-so-far history."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # an LR scheduler or None
+    scaler: torch.amp.GradScaler
+    strategy: SingleProcess
+    dist: DistContext
+    nan_guard: NanGuard
+    meters: TrainMeters
+    train_batches: Sized
+    seed: int
+    global_batch: int
+    max_steps: float
+    epoch: int
+    batch_in_epoch: int
+    global_step: int
+    best_value: float | None
+    best_metrics: dict[str, float]
+    best_epoch: int
+    best_step: int
+    bad_validations: int
+    last_val: dict[str, float]
+    stop_reason: str | None
+    validated_at_step: int
+
+    extra_state: dict[str, Any]
+
+    def unfreeze(self, epoch: int) -> None: ...
+
+
+def training_state(trainer: CheckpointedLoop) -> dict[str, Any]:
     """Everything that decides what a resumed run does next."""
     return {
         "model": trainer.strategy.model_state(trainer.model),
@@ -92,12 +126,12 @@ class TrainMeters:
         self.batches, self.units, self.lr = state["loss_batches"], state["samples"], state["lr"]
 
 
-def saved_stop_reason(trainer: Trainer) -> str | None:
+def saved_stop_reason(trainer: CheckpointedLoop) -> str | None:
     """The stop decision a checkpoint keeps (early stopping, stop_at, pruning)."""
     return None if trainer.stop_reason in LIMIT_STOPS else trainer.stop_reason
 
 
-def state_key(trainer: Trainer) -> tuple:
+def state_key(trainer: CheckpointedLoop) -> tuple:
     """What tells two checkpointable states apart (nothing else changes between them).
 
     So the last epoch's best.pt, saved before the limit is noted, is linked as the
@@ -111,7 +145,7 @@ def state_key(trainer: Trainer) -> tuple:
     )
 
 
-def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+def load_training_state(trainer: CheckpointedLoop, state: dict[str, Any], source: str) -> None:
     # First: another global batch also changes the step count, and is the cause to name.
     _check_same_layout(trainer, state, source)
     planned = state["trainer"].get("max_steps")
@@ -161,7 +195,7 @@ def load_training_state(trainer: Trainer, state: dict[str, Any], source: str) ->
         )
 
 
-def _check_same_layout(trainer: Trainer, state: dict[str, Any], source: str) -> None:
+def _check_same_layout(trainer: CheckpointedLoop, state: dict[str, Any], source: str) -> None:
     """Exact resume needs the same global batch; FSDP optimizer state needs FSDP."""
     saved_batch = state.get("global_batch", trainer.global_batch)
     if saved_batch != trainer.global_batch:

@@ -20,15 +20,12 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig
 
 from trainer.distributed.context import SINGLE, DistContext, broadcast_object
 from trainer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from trainer.run import HydraJob
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +126,20 @@ def pruning_target(cfg: DictConfig) -> PruningTarget | None:
     )
 
 
-def pruning_callback(job: HydraJob, dist: DistContext = SINGLE) -> OptunaPruning | None:
-    """The callback of a job with a trial; rank 0 opens the trial in the study."""
-    target = job.pruning
+def pruning_callback(
+    target: PruningTarget | None,
+    number: int | None,
+    overrides: tuple[str, ...],
+    dist: DistContext = SINGLE,
+) -> OptunaPruning | None:
+    """The callback of sweep job `number` with a trial; rank 0 opens the trial in the study."""
     if target is None:
         return None
-    trial = _open_trial(target, job.num, job.overrides) if dist.is_main else None
+    trial = _open_trial(target, number, overrides) if dist.is_main else None
     return OptunaPruning(trial, target.metric, dist)
 
 
-def _open_trial(target: PruningTarget, number: int, overrides: tuple[str, ...]) -> Any:
+def _open_trial(target: PruningTarget, number: int | None, overrides: tuple[str, ...]) -> Any:
     """Trial `number` (the trial number is the job number), checked against the job."""
     import optuna
     from hydra.utils import instantiate

@@ -196,7 +196,7 @@ def _result(
 
 def _failed(launcher: Any, overrides: list[str], idx: int, error: Exception) -> JobReturn:
     """Record the job as failed in its folder, as the job itself would have."""
-    from trainer.sweep.callback import record_failure
+    from trainer.sweep.job_files import record_failure
 
     config = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, overrides)
     folder = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
