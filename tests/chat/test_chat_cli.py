@@ -9,32 +9,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.chat.runs import tiny_config, tiny_run
 from tests.conftest import REPO, run_cli
-
-
-def tiny_run(tiny_llama_dir: Path, chatterbot_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train.py",
-        "~model",
-        "+model._target_=tests.chat.models.causal_lm",
-        f"+model.name_or_path={tiny_llama_dir}",
-        f"data.dataset.cache_dir={chatterbot_dir}",
-        "data.val_size=0.03",
-        "data.dataset.max_length=64",
-        "data.dataset.skip_long_prompts=true",
-        "data.batch_size=4",
-        "data.eval_batch_size=16",
-        "trainer=debug",
-        "trainer.limit_train_batches=6",
-        "trainer.progress_bar=false",
-        "trainer.test_after_fit=false",
-        "optimizer.lr=0.01",
-        "scheduler=none",
-        "logger=none",
-        f"paths.output_dir={out}",
-        f"hydra.run.dir={out}",
-        *extra,
-    ]
 
 
 @pytest.mark.slow
