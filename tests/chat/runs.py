@@ -12,10 +12,11 @@ from tests.conftest import compose_config
 
 
 def tiny_run(
-    tiny_llama_dir: Path, chatterbot_dir: Path, out: Path, *extra: str, lora_lm: bool = False
+    tiny_llama_dir: Path, chatterbot_dir: Path, out: Path | None, *extra: str, lora_lm: bool = False
 ) -> list[str]:
     """`lora_lm`: the model as users name it (model=hf_causal_lm finetune=lora_lm);
-    otherwise tests.chat.models.causal_lm, which a test may wrap in a PeftModel."""
+    otherwise tests.chat.models.causal_lm, which a test may wrap in a PeftModel.
+    `out`: the run's folder; None in a sweep, whose jobs get their own."""
     if lora_lm:
         model = ["model=hf_causal_lm", f"model.name_or_path={tiny_llama_dir}", "finetune=lora_lm"]
     else:
@@ -37,8 +38,7 @@ def tiny_run(
         "optimizer.lr=0.01",
         "scheduler=none",
         "logger=none",
-        f"paths.output_dir={out}",
-        f"hydra.run.dir={out}",
+        *([f"paths.output_dir={out}", f"hydra.run.dir={out}"] if out else []),
         *extra,
     ]
 
