@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 import time
 from pathlib import Path
@@ -11,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require_data, run_cli
+from tests.sweep_helpers import REPORT, job_folders, report, results
 from trainer.sweep.callback import sweep_subdir
 
 TRAIN = str(REPO / "train.py")
-REPORT = str(REPO / "scripts" / "sweep_report.py")
 # A short run: 20 batches of a small MLP reach ~85% on MNIST.
 SHORT = ["model.hidden_sizes=[32]", "trainer.progress_bar=false", "trainer.log_every_n_steps=10"]
 
@@ -26,25 +25,6 @@ def sweep(tmp_path: Path, *args: str, timeout: float = 600):
         [TRAIN, "-m", *args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, timeout=timeout
     )
     return proc, sweep_dir
-
-
-def job_folders(sweep_dir: Path) -> list[Path]:
-    """Job folders in launch order (hydra.job.num)."""
-    from omegaconf import OmegaConf
-
-    folders = [p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()]
-    return sorted(folders, key=lambda p: OmegaConf.load(p / ".hydra" / "hydra.yaml").hydra.job.num)
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "results.json").read_text())
-
-
-def report(sweep_dir: Path, *args: str) -> tuple[str, list[dict[str, str]]]:
-    proc = run_cli([REPORT, str(sweep_dir), *args], cwd=sweep_dir.parent)
-    assert proc.returncode == 0, proc.stderr
-    with (sweep_dir / "sweep_report.csv").open() as f:
-        return proc.stdout, list(csv.DictReader(f))
 
 
 def test_sweep_subdir_is_readable_safe_and_unique() -> None:

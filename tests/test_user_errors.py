@@ -19,7 +19,15 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data
-from tests.user_error_cases import CASES, FIT_ONE_EPOCH, SLOW_IDS, TINY, Case, make_bad_data
+from tests.user_error_cases import (
+    CASES,
+    FIT_ONE_EPOCH,
+    SLOW_IDS,
+    TINY,
+    Case,
+    check_case,
+    make_bad_data,
+)
 
 
 def run_script(
@@ -122,22 +130,6 @@ def test_bad_input_past_config_gets_one_clear_line(
     case: Case, slow_results: dict, workspace: dict
 ) -> None:
     check_case(case, *slow_results[case.id], workspace["before"])
-
-
-def check_case(case: Case, done: subprocess.CompletedProcess, after: dict, before: dict) -> None:
-    assert done.returncode == 2, done.stderr
-    assert "Traceback" not in done.stderr
-    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1, done.stderr
-    assert case.phrase in error_lines[0]
-    assert "Error executing job" not in done.stderr
-    for name, content in before.items():
-        if name.endswith(".log"):
-            # Hydra appends to the log file; what was there stays.
-            assert after[name].startswith(content), name
-        else:
-            assert after[name] == content, f"{name} changed"
-    assert not [n for n in set(after) - set(before) if not n.endswith(".log")]
 
 
 # A full disk, simulated by a file object that fails like one: a second run into the

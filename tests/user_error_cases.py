@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,6 +161,78 @@ if torch.cuda.is_available():
     CASES.append(Case("devices-too-many", ["trainer.devices=999"], "device"))
 else:
     CASES.append(Case("no-cuda", ["trainer.accelerator=cuda"], "no CUDA GPU is visible"))
+
+
+# Fine-tuning a language model (issue 14), run by tests/chat/test_lm_user_errors.py on a
+# tiny random llama: {llama} its folder, {plain_llama} a copy without a chat template,
+# {chatterbot} the ChatterBot corpus cache, {sft_jsonl} a file of prompt/completion rows.
+LM_RUN = [
+    "model=hf_causal_lm",
+    "task=language_modeling",
+    "trainer=debug",
+    "trainer.progress_bar=false",
+    "logger=none",
+]
+CHATTERBOT = ["data=chatterbot_sft", "data.dataset.cache_dir={chatterbot}"]
+CHAT = [*CHATTERBOT, "model.name_or_path={llama}"]
+LM_CASES = [
+    Case(
+        "lm-model-offline",
+        [*CHATTERBOT, "model.name_or_path=nobody/nothing"],
+        "model.name_or_path=nobody/nothing could not be loaded; tried a local folder",
+        env={"HF_HUB_OFFLINE": "1"},
+    ),
+    Case(
+        "lm-lora-target",
+        [*CHAT, "finetune=lora_lm", "finetune.lora.targets=[q_proj,query]"],
+        "finetune.lora.targets entry 'query' matches no Linear or Conv2d layer; the model's "
+        "are: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj",
+    ),
+    Case(
+        "lm-prompt-past-max-length",
+        [*CHAT, "data.dataset.max_length=8"],
+        "max_length is 8, so nothing of the answer is left to train on; raise",
+    ),
+    Case(
+        "lm-max-length-past-context",
+        [*CHAT, "data.dataset.max_length=1024"],
+        "data.dataset.max_length=1024 is longer than the model's context of 512 tokens",
+    ),
+    Case(
+        "lm-no-chat-template",
+        [*CHATTERBOT, "model.name_or_path={plain_llama}"],
+        "has no chat template, so it cannot format instruction or preference data",
+    ),
+    Case("lm-dpo-on-sft-data", [*CHAT, "task=dpo"], "task=dpo needs preference batches"),
+    Case(
+        "lm-dpo-jsonl-without-pairs",
+        [
+            "model.name_or_path={llama}",
+            "task=dpo",
+            "data=jsonl_dpo",
+            "data.dataset.path={sft_jsonl}",
+        ],
+        "missing field 'chosen'",
+    ),
+]
+
+
+def check_case(case: Case, done: subprocess.CompletedProcess, after: dict, before: dict) -> None:
+    """One `error:` line with the case's phrase, exit code 2, no traceback, and the run
+    folder's files (`before`) as they were (`after`)."""
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, done.stderr
+    assert case.phrase in error_lines[0]
+    assert "Error executing job" not in done.stderr
+    for name, content in before.items():
+        if name.endswith(".log"):
+            # Hydra appends to the log file; what was there stays.
+            assert after[name].startswith(content), name
+        else:
+            assert after[name] == content, f"{name} changed"
+    assert not [n for n in set(after) - set(before) if not n.endswith(".log")]
 
 
 def make_bad_data(root: Path) -> None:

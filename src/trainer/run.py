@@ -125,7 +125,12 @@ def _train(
     preemption: Any,
 ) -> float | None:
     from trainer.checkpoint.io import check_state_fits, unwrapped_state_dict
-    from trainer.config.checks import check_model_fits_data, check_task_fits, is_image_data
+    from trainer.config.checks import (
+        check_context_fits,
+        check_model_fits_data,
+        check_task_fits,
+        is_image_data,
+    )
     from trainer.distributed.context import broadcast_object
     from trainer.distributed.strategies import make_strategy
     from trainer.finetune import make_unfreezer, prepare_model
@@ -152,6 +157,7 @@ def _train(
     if is_image_data(cfg.data):
         # Shapes are known before the data loads: a mismatch fails in a second.
         check_model_fits_data(model, task.loss, cfg.data, device)
+    check_context_fits(model, cfg.data)
     if resume_from is not None:
         # A checkpoint of another model fails here, naming the keys, before data loads.
         state, source = resume_from

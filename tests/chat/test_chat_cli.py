@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
+from tests.chat.runs import tiny_config, tiny_run
 from tests.conftest import REPO, run_cli
-
-
-def tiny_run(tiny_llama_dir: Path, chatterbot_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "train.py",
-        "~model",
-        "+model._target_=tests.chat.models.causal_lm",
-        f"+model.name_or_path={tiny_llama_dir}",
-        f"data.dataset.cache_dir={chatterbot_dir}",
-        "data.val_size=0.03",
-        "data.dataset.max_length=64",
-        "data.dataset.skip_long_prompts=true",
-        "data.batch_size=4",
-        "data.eval_batch_size=16",
-        "trainer=debug",
-        "trainer.limit_train_batches=6",
-        "trainer.progress_bar=false",
-        "trainer.test_after_fit=false",
-        "optimizer.lr=0.01",
-        "scheduler=none",
-        "logger=none",
-        f"paths.output_dir={out}",
-        f"hydra.run.dir={out}",
-        *extra,
-    ]
+from trainer.checkpoint.io import load_checkpoint
+from trainer.testing import KILL_IN_SAVE_ENV
 
 
 @pytest.mark.slow
@@ -60,9 +38,7 @@ def test_dpo_through_the_cli(
 
 
 @pytest.mark.slow
-def test_sft_and_a_dpo_mismatch_through_the_cli(
-    tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path
-) -> None:
+def test_sft_through_the_cli(tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path) -> None:
     sft = tiny_run(
         tiny_llama_dir, chatterbot_dir, tmp_path / "sft", "task=language_modeling",
         "data=chatterbot_sft",
@@ -72,38 +48,44 @@ def test_sft_and_a_dpo_mismatch_through_the_cli(
     metrics = json.loads((tmp_path / "sft" / "results.json").read_text())["metrics"]
     assert metrics["val/loss"] > 0 and 0 <= metrics["val/token_acc"] <= 1
 
-    wrong = tiny_run(
-        tiny_llama_dir, chatterbot_dir, tmp_path / "wrong", "task=dpo", "data=chatterbot_sft"
-    )
-    proc = run_cli(wrong, REPO, timeout=600)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("error: task=dpo needs preference batches"), proc.stderr[-2000:]
-
 
 @pytest.mark.slow
-def test_dpo_resumed_mid_epoch_ends_with_the_same_weights(
-    tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("task", "lora_lm"), [("sft", True), ("dpo", True), ("dpo", False)],
+    ids=["sft-lora", "dpo-lora", "dpo-full"],
+)  # fmt: skip
+def test_sigkill_mid_epoch_then_resume_auto_ends_with_the_same_weights(
+    tiny_llama_dir: Path, chatterbot_dir: Path, tmp_path: Path, task: str, lora_lm: bool
 ) -> None:
-    """The frozen reference is the starting model in a resumed run too (it is copied
-    before the checkpoint loads), so training on from step 2 equals a straight run."""
-    from tests.conftest import compose_config
-    from trainer.checkpoint.io import load_checkpoint
+    """SIGKILLed while writing step 4's checkpoint, the rerun continues from step 2 of 6
+    and ends bit for bit where an uninterrupted run ends: adapters, the RNG of LoRA's
+    dropout (finetune=lora_lm's 0.05) and, for DPO without adapters, the frozen
+    reference (a copy of the starting model, made before the checkpoint loads)."""
     from trainer.run import train
 
-    def config(out: Path, *extra: str) -> Any:
-        args = tiny_run(tiny_llama_dir, chatterbot_dir, out, "task=dpo", "data=chatterbot_dpo")
-        overrides = [a for a in args[1:] if not a.startswith(("paths.", "hydra."))]
-        return compose_config([*overrides, "trainer.limit_train_batches=4", *extra], out)
+    data = ["task=language_modeling", "data=chatterbot_sft"] if task == "sft" else ["task=dpo"]
+    data += [] if task == "sft" else ["data=chatterbot_dpo"]
 
-    train(config(tmp_path / "straight"))
-    train(config(tmp_path / "first", "trainer.max_steps=2"))
-    first = tmp_path / "first" / "checkpoints" / "last.pt"
-    assert load_checkpoint(first)["global_step"] == 2
-    train(config(tmp_path / "resumed", f"ckpt_path={first}"))
-    resumed = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    assert resumed["global_step"] == 4
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
-    b, mid = resumed["model"], load_checkpoint(first)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], mid[k]) for k in a)  # steps 3 and 4 did train
+    def args(out: Path, *extra: str) -> list[str]:
+        return tiny_run(
+            tiny_llama_dir, chatterbot_dir, out, *data, "checkpoint.every_n_steps=2", *extra,
+            lora_lm=lora_lm,
+        )  # fmt: skip
+
+    straight, run = tmp_path / "straight", tmp_path / "run"
+    train(tiny_config(args(straight), straight))
+    killed = run_cli(args(run), REPO, timeout=600, env={KILL_IN_SAVE_ENV: "step_00000004.pt"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["global_step"] == 2
+    resumed = run_cli(args(run, "resume=auto"), REPO, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert a["global_step"] == b["global_step"] == 6
+    assert a["model"].keys() == b["model"].keys()
+    assert len([k for k in a["model"] if ".lora_" in k]) == (8 if lora_lm else 0)
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    results = [json.loads((r / "results.json").read_text())["metrics"] for r in (straight, run)]
+    assert results[0] == results[1]

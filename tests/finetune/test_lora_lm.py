@@ -1,4 +1,7 @@
-"""LoRA on a causal LM through the whole loop: exact resume with the adapters in the checkpoint."""
+"""LoRA on a causal LM through the whole loop: exact resume with the adapters in the checkpoint.
+
+Here the first run stops at max_steps, in this process; a real SIGKILL mid-epoch and
+`resume=auto` through the CLI is tests/chat/test_chat_cli.py's sigkill test."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ import inspect
 import os
 import tempfile
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -374,6 +374,20 @@ def check_model_fits_data(
         ) from None
     finally:
         model.train(was_training)
+
+
+def check_context_fits(model: torch.nn.Module, data_cfg: Any) -> None:
+    """Examples cut at data.dataset.max_length fit the model's context: past it, learned
+    positions fail with an index error and rotary ones run on positions never trained."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    dataset = data_cfg.get("dataset")
+    max_length = dataset.get("max_length") if isinstance(dataset, Mapping) else None
+    if isinstance(context, int) and isinstance(max_length, int) and max_length > context:
+        raise ConfigError(
+            f"data.dataset.max_length={max_length} is longer than the model's context of "
+            f"{context} tokens, so a long prompt would not fit; set data.dataset.max_length="
+            f"{context} or less"
+        )
 
 
 def is_image_data(data_cfg: Any) -> bool:

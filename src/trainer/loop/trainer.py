@@ -35,6 +35,7 @@ from trainer.distributed.context import all_reduce_sum, barrier
 from trainer.distributed.strategies import SingleProcess
 from trainer.errors import ConfigError, Preempted
 from trainer.loop.evaluation import evaluate_model
+from trainer.loop.loss_weights import StepLossWeights
 from trainer.loop.nan_guard import NanGuard
 from trainer.loop.preemption import PreemptionHandler
 from trainer.loop.state import TrainMeters, load_training_state, state_key, training_state
@@ -94,6 +95,7 @@ class Trainer:
         # Loss scaling only matters for fp16; disabled, the scaler is a pass-through.
         self.scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
         self.accumulate = cfg.accumulate_grad_batches
+        self.loss_weights = StepLossWeights(task, self.dist, self.accumulate)
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Gradual unfreezing (finetune.unfreeze_at_epoch): called with each new epoch.
         self.unfreezer = unfreezer
@@ -190,8 +192,7 @@ class Trainer:
                         saved = self.save_last(wait=True)
                         raise self.nan_guard.error(bad_at, self.global_step, saved)
                 if bad_at is None:
-                    scaled = loss / self.accumulate if self.accumulate > 1 else loss
-                    self.scaler.scale(scaled).backward()
+                    self.scaler.scale(self.loss_weights.to_backward(loss, batch)).backward()
             if bad_at is None:
                 window_loss = loss.detach() if window_loss is None else window_loss + loss.detach()
                 window_batches += 1
@@ -203,6 +204,7 @@ class Trainer:
                 continue
             if bad_at is not None:
                 self.optimizer.zero_grad(set_to_none=True)
+                self.loss_weights.reset()
                 if self.nan_guard.count_skip(bad_at):
                     saved = self.save_last(wait=True)
                     raise self.nan_guard.error(None, self.global_step, saved)
@@ -231,6 +233,7 @@ class Trainer:
             self.params = [p for p in self.model.parameters() if p.requires_grad]
 
     def _optimizer_step(self) -> None:
+        self.loss_weights.normalize(self.params)
         if self.cfg.gradient_clip_val:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.gradient_clip_val)

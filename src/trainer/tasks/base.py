@@ -66,6 +66,13 @@ class Task:
         """Metric values (names without the split prefix) from the summed totals."""
         raise NotImplementedError
 
+    def loss_count(self, batch: Any) -> torch.Tensor | None:
+        """How many terms `training_loss` averages over, when that varies between
+        batches of one size (unmasked tokens), as a device tensor; None: the loss
+        weighs every sample the same. Steps then weigh each term the same over
+        micro-batches and ranks (loop/loss_weights.py)."""
+        return None
+
     def check_batch(self, batch: Any) -> None:
         """Raise a DataError naming what the batch is and what this task expects."""
 

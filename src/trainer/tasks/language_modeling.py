@@ -105,6 +105,9 @@ class LanguageModelingTask(Task):
             self._track_aux(aux.detach(), getattr(output, "expert_fractions", None))
         return loss
 
+    def loss_count(self, batch: Any) -> torch.Tensor:
+        return (batch["labels"] != self.ignore_index).sum()
+
     def _track_aux(self, aux: torch.Tensor, fractions: torch.Tensor | None) -> None:
         self._aux_sum = aux if self._aux_sum is None else self._aux_sum + aux
         if fractions is not None:
