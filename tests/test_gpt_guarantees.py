@@ -1,0 +1,119 @@
+"""The framework's guarantees on the GPT recipe (experiment=shakespeare_char_cpu), run as a
+user runs them: exact resume after SIGKILL, 2 processes equal to one, sweeps.
+
+The recipe is shortened (30 steps, a small validation set) but keeps its model, data,
+optimizer and schedule. Each process gets one thread: the tests share 2 cores with
+each other, and oversubscribed threads make a GPT step ten times slower there.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, require_data, run_cli
+from tests.run_checks import assert_same_final_state, scalars
+from tests.test_sweep import job_folders, report, results
+
+pytestmark = pytest.mark.slow
+
+SHORT = [
+    "experiment=shakespeare_char_cpu",
+    "trainer.max_steps=30",
+    "scheduler.warmup_steps=5",
+    "trainer.val_every_n_steps=15",
+    "trainer.log_every_n_steps=5",
+    "checkpoint.every_n_steps=10",
+    "data.val_windows=24",
+    "task.sample_tokens=40",
+    "trainer.progress_bar=false",
+]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+FAULTY = ["loss._target_=trainer.testing.FaultInjectingLoss"]
+TAGS = ["train/loss", "train/lr", "val/loss", "val/token_acc"]
+
+
+def train_cmd(run: Path, *extra: str):
+    require_data()
+    args = [str(REPO / "train.py"), *SHORT, f"hydra.run.dir={run}", *extra]
+    return run_cli(args, cwd=run.parent, env=ONE_THREAD)
+
+
+def samples(run: Path) -> list[tuple[int, bytes]]:
+    """The text samples the validations wrote to TensorBoard, with their steps."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"tensors": 0})
+    acc.Reload()
+    tag = "samples/text/text_summary"
+    return [(e.step, e.tensor_proto.string_val[0]) for e in acc.Tensors(tag)]
+
+
+def test_sigkill_then_resume_auto_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
+    # Dropout on, so the torch RNG state matters as much as the window positions.
+    dropout = "model.dropout=0.1"
+    done = train_cmd(tmp_path / "straight", dropout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = tmp_path / "killed"
+    done = train_cmd(killed, dropout, *FAULTY, "+loss.kill_at_batch=23")
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    assert not (killed / "results.json").exists()
+    assert sorted(p.name for p in (killed / "checkpoints").glob("step_*.pt"))[-1] == (
+        "step_00000020.pt"
+    )
+    done = train_cmd(killed, dropout, "resume=auto")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from" in done.stdout + done.stderr
+    assert_same_final_state(tmp_path / "straight", killed, 30, TAGS)
+    # The samples at validation draw from their own generator: the same text both ways.
+    assert samples(tmp_path / "straight") == samples(killed)
+    assert [step for step, _ in samples(killed)] == [15, 30]
+
+
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_path: Path) -> None:
+    one = train_cmd(tmp_path / "one")
+    # Batch sizes are per process: 2 x 6 windows is the recipe's global batch of 12.
+    two = train_cmd(tmp_path / "two", "trainer.devices=2", "data.batch_size=6")
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert (a["world_size"], b["world_size"], a["steps"], b["steps"]) == (1, 2, 30, 30)
+    for name, value in a["metrics"].items():
+        assert abs(value - b["metrics"][name]) < 1e-6, (name, value, b["metrics"][name])
+    for tag in ("train/loss", "val/loss"):
+        curve_one, curve_two = scalars(tmp_path / "one", tag), scalars(tmp_path / "two", tag)
+        assert [s for s, _ in curve_one] == [s for s, _ in curve_two], tag
+        for (step, x), (_, y) in zip(curve_one, curve_two, strict=True):
+            assert abs(x - y) < 1e-6, (tag, step, x, y)
+
+
+def test_a_learning_rate_sweep_writes_a_job_each_with_report_and_hparams(tmp_path: Path) -> None:
+    require_data()
+    sweep_dir = tmp_path / "sweep"
+    args = [str(REPO / "train.py"), "-m", *SHORT, "optimizer.lr=1e-3,3e-3"]
+    done = run_cli([*args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folders = job_folders(sweep_dir)
+    assert len(folders) == 2
+    losses = {}
+    for num, folder in enumerate(folders):
+        job = results(folder)
+        assert job["status"] == "completed" and job["job_num"] == num and job["steps"] == 30
+        lr = next(o for o in job["overrides"] if o.startswith("optimizer.lr="))
+        assert job["provenance"]["config"]["optimizer"]["lr"] == float(lr.split("=")[1])
+        losses[folder.name] = job["metrics"]["val/loss"]
+        # Each job is its own TensorBoard run, with its hyperparameters in the HParams tab.
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(folder / "tensorboard"))
+        acc.Reload()
+        assert "val/loss" in acc.Tags()["scalars"]
+        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    assert len(set(losses.values())) == 2  # the learning rate made a difference
+    _, rows = report(sweep_dir)
+    # Best (lowest val/loss) first: the report ranks by the monitored metric's mode.
+    assert [r["job"] for r in rows] == sorted(losses, key=losses.get)
+    assert [float(r["val/loss"]) for r in rows] == sorted(losses.values())
