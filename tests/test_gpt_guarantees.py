@@ -52,6 +52,17 @@ def samples(run: Path) -> list[tuple[int, bytes]]:
     return [(e.step, e.tensor_proto.string_val[0]) for e in acc.Tensors(tag)]
 
 
+def hparams(job: Path) -> dict:
+    """The hyperparameters a job wrote for TensorBoard's HParams tab, by name."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    acc = EventAccumulator(str(job / "tensorboard"))
+    acc.Reload()
+    content = acc.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    return dict(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+
+
 def test_sigkill_then_resume_auto_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
     # Dropout on, so the torch RNG state matters as much as the window positions.
     dropout = "model.dropout=0.1"
@@ -106,14 +117,10 @@ def test_a_learning_rate_sweep_writes_a_job_each_with_report_and_hparams(tmp_pat
         assert job["provenance"]["config"]["optimizer"]["lr"] == float(lr.split("=")[1])
         losses[folder.name] = job["metrics"]["val/loss"]
         # Each job is its own TensorBoard run, with its hyperparameters in the HParams tab.
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(folder / "tensorboard"))
-        acc.Reload()
-        assert "val/loss" in acc.Tags()["scalars"]
-        assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+        assert hparams(folder)["optimizer.lr"].number_value == float(lr.split("=")[1])
     assert len(set(losses.values())) == 2  # the learning rate made a difference
     _, rows = report(sweep_dir)
     # Best (lowest val/loss) first: the report ranks by the monitored metric's mode.
     assert [r["job"] for r in rows] == sorted(losses, key=losses.get)
     assert [float(r["val/loss"]) for r in rows] == sorted(losses.values())
+    assert {r["optimizer.lr"] for r in rows} == {"0.001", "0.003"}
