@@ -63,48 +63,55 @@ def hparams(job: Path) -> dict:
     return dict(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
 
 
-def test_sigkill_then_resume_auto_ends_as_the_uninterrupted_run(tmp_path: Path) -> None:
-    # Dropout on, so the torch RNG state matters as much as the window positions.
-    dropout = "model.dropout=0.1"
-    done = train_cmd(tmp_path / "straight", dropout)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shortened recipe, uninterrupted, on one process."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    done = train_cmd(run)
     assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def test_sigkill_then_resume_auto_ends_as_the_uninterrupted_run(straight, tmp_path) -> None:
     killed = tmp_path / "killed"
-    done = train_cmd(killed, dropout, *FAULTY, "+loss.kill_at_batch=23")
+    done = train_cmd(killed, *FAULTY, "+loss.kill_at_batch=23")
     assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
     assert not (killed / "results.json").exists()
     assert sorted(p.name for p in (killed / "checkpoints").glob("step_*.pt"))[-1] == (
         "step_00000020.pt"
     )
-    done = train_cmd(killed, dropout, "resume=auto")
+    done = train_cmd(killed, "resume=auto")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resumed from" in done.stdout + done.stderr
-    assert_same_final_state(tmp_path / "straight", killed, 30, TAGS)
+    assert_same_final_state(straight, killed, 30, TAGS)
     # The samples at validation draw from their own generator: the same text both ways.
-    assert samples(tmp_path / "straight") == samples(killed)
+    assert samples(straight) == samples(killed)
     assert [step for step, _ in samples(killed)] == [15, 30]
 
 
-def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(tmp_path: Path) -> None:
-    one = train_cmd(tmp_path / "one")
+def test_two_processes_give_the_losses_of_one_with_the_same_global_batch(
+    straight, tmp_path
+) -> None:
     # Batch sizes are per process: 2 x 6 windows is the recipe's global batch of 12.
     two = train_cmd(tmp_path / "two", "trainer.devices=2", "data.batch_size=6")
-    assert one.returncode == 0 and two.returncode == 0, (one.stderr + two.stderr)[-3000:]
-    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((straight / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert (a["world_size"], b["world_size"], a["steps"], b["steps"]) == (1, 2, 30, 30)
     for name, value in a["metrics"].items():
         assert abs(value - b["metrics"][name]) < 1e-6, (name, value, b["metrics"][name])
     for tag in ("train/loss", "val/loss"):
-        curve_one, curve_two = scalars(tmp_path / "one", tag), scalars(tmp_path / "two", tag)
+        curve_one, curve_two = scalars(straight, tag), scalars(tmp_path / "two", tag)
         assert [s for s, _ in curve_one] == [s for s, _ in curve_two], tag
         for (step, x), (_, y) in zip(curve_one, curve_two, strict=True):
             assert abs(x - y) < 1e-6, (tag, step, x, y)
 
 
-def test_a_learning_rate_sweep_writes_a_job_each_with_report_and_hparams(tmp_path: Path) -> None:
-    require_data()
+def test_a_learning_rate_sweep_writes_a_job_each_with_report_and_hparams(
+    straight, tmp_path
+) -> None:
     sweep_dir = tmp_path / "sweep"
-    args = [str(REPO / "train.py"), "-m", *SHORT, "optimizer.lr=1e-3,3e-3"]
+    args = [str(REPO / "train.py"), "-m", *SHORT, "optimizer.lr=3e-3,1e-3"]
     done = run_cli([*args, f"hydra.sweep.dir={sweep_dir}"], cwd=tmp_path, env=ONE_THREAD)
     assert done.returncode == 0, done.stderr[-3000:]
     folders = job_folders(sweep_dir)
@@ -119,6 +126,10 @@ def test_a_learning_rate_sweep_writes_a_job_each_with_report_and_hparams(tmp_pat
         # Each job is its own TensorBoard run, with its hyperparameters in the HParams tab.
         assert hparams(folder)["optimizer.lr"].number_value == float(lr.split("=")[1])
     assert len(set(losses.values())) == 2  # the learning rate made a difference
+    # lr=1e-3 is the recipe's own: its job, run second in the sweep's process, ends
+    # exactly as the single run did (nothing leaks from one job into the next).
+    assert "optimizer.lr=0.001" in folders[1].name
+    assert losses[folders[1].name] == results(straight)["metrics"]["val/loss"]
     _, rows = report(sweep_dir)
     # Best (lowest val/loss) first: the report ranks by the monitored metric's mode.
     assert [r["job"] for r in rows] == sorted(losses, key=losses.get)
