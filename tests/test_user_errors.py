@@ -123,8 +123,13 @@ def lm_files(tmp: Path) -> dict[str, Path]:
     run = tmp / "gpt_run"
     done = run_script("train.py", [*GPT_CKPT_RUN, f"hydra.run.dir={run}"], tmp)
     assert done.returncode == 0, done.stderr
+    (run / "results.json").unlink()  # interrupted, so that resume=auto continues it
     write_other_characters(tmp / "other_chars.txt")
-    return {"gpt_ckpt": run / "checkpoints" / "last.pt", "other_chars": tmp / "other_chars.txt"}
+    return {
+        "gpt_run": run,
+        "gpt_ckpt": run / "checkpoints" / "last.pt",
+        "other_chars": tmp / "other_chars.txt",
+    }
 
 
 def test_the_table_is_large_enough() -> None:

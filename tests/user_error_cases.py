@@ -3,8 +3,9 @@
 Each case is the arguments of one `python train.py ...` (or eval.py) command and
 the phrase its one `error:` line must contain. Placeholders: {tmp} is the test's
 folder, {file} a plain text file in it, {ckpt} a real checkpoint of a finished run,
-{gpt_ckpt} one of a GPT on tiny Shakespeare at block_size 32, {other_chars} a text
-of as many distinct characters as tiny Shakespeare but not the same ones.
+{gpt_ckpt} one of a GPT on tiny Shakespeare at block_size 32 (in its interrupted
+run folder {gpt_run}), {other_chars} a text of as many distinct characters as tiny
+Shakespeare but not the same ones.
 """
 
 from __future__ import annotations
@@ -182,6 +183,13 @@ CASES = [
         lm=True,
     ),
     Case(
+        "gpt-resume-block-size",
+        ["hydra.run.dir={gpt_run}", "resume=auto"],
+        "trained with model.block_size=32 and this run's model has block_size=64",
+        in_run_dir=False,
+        lm=True,
+    ),
+    Case(
         "gpt-init-block-size",
         ["finetune.init_from={gpt_ckpt}"],
         "does not fit this model: it was trained with model.block_size=32",
@@ -211,10 +219,10 @@ CASES = [
         lm=True,
     ),
 ]
-# Cases that need {gpt_ckpt} or {other_chars}: they wait for a GPT run of their own.
+# Cases that need {gpt_run}, {gpt_ckpt} or {other_chars}: they wait for a GPT run of their own.
 LM_FILE_IDS = {
-    "gpt-ckpt-block-size", "gpt-init-block-size", "gpt-ckpt-vocab-size", "gpt-ckpt-vocab",
-    "gpt-init-vocab",
+    "gpt-ckpt-block-size", "gpt-resume-block-size", "gpt-init-block-size",
+    "gpt-ckpt-vocab-size", "gpt-ckpt-vocab", "gpt-init-vocab",
 }  # fmt: skip
 # These get past the plain value checks, so they import torch (~2 s of CPU each) and
 # some read the dataset; the others fail in well under a second.
