@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, require_data, run_cli
+from tests.run_checks import assert_same_final_state
 from trainer.checkpoint.io import load_checkpoint
 from trainer.errors import CheckpointError
 from trainer.loop.preemption import EXIT_PREEMPTED
@@ -40,6 +41,8 @@ BASE = [
     "checkpoint.keep_last_k=3",
 ]
 FAULTY = "loss._target_=trainer.testing.FaultInjectingLoss"
+# The curves a resumed run must draw exactly as an uninterrupted one.
+TAGS = ["train/loss", "train/lr", "val/acc", "val/loss", "test/acc"]
 
 
 def train_cmd(run: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -48,14 +51,6 @@ def train_cmd(run: Path, *extra: str, env: dict | None = None) -> subprocess.Com
 
 def step_files(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").glob("step_*.pt"))
-
-
-def scalars(run: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return [(e.step, e.value) for e in acc.Scalars(tag)]
 
 
 def restart_steps(run: Path) -> list[int]:
@@ -69,25 +64,6 @@ def restart_steps(run: Path) -> list[int]:
             if event.HasField("session_log") and event.session_log.status == SessionLog.START:
                 steps.append(event.step)
     return sorted(steps)
-
-
-def assert_same_final_state(expected: Path, actual: Path) -> None:
-    a = load_checkpoint(expected / "checkpoints" / "last.pt")
-    b = load_checkpoint(actual / "checkpoints" / "last.pt")
-    assert a["global_step"] == b["global_step"] == 32
-    assert a["model"].keys() == b["model"].keys()
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
-    for index, param_state in a["optimizer"]["state"].items():
-        for key, value in param_state.items():
-            assert torch.equal(value, b["optimizer"]["state"][index][key]), (index, key)
-    assert a["scheduler"] == b["scheduler"]
-    ra = json.loads((expected / "results.json").read_text())
-    rb = json.loads((actual / "results.json").read_text())
-    assert ra["metrics"] == rb["metrics"] and ra["best_step"] == rb["best_step"]
-    # TensorBoard shows the same curves: no duplicate or out-of-order points.
-    for tag in ("train/loss", "train/lr", "val/acc", "val/loss", "test/acc"):
-        assert scalars(expected, tag) == scalars(actual, tag), tag
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +95,7 @@ def test_sigkill_at_any_point_then_resume_matches_uninterrupted_run(straight, tm
     proc = train_cmd(run, "resume=auto")
     assert proc.returncode == 0, proc.stderr
     assert "resumed from" in proc.stdout + proc.stderr
-    assert_same_final_state(straight, run)
+    assert_same_final_state(straight, run, 32, TAGS)
     assert restart_steps(run) == [11, 16, 21]
     assert not list((run / "checkpoints").glob(".*.tmp"))
     assert step_files(run) == ["step_00000025.pt", "step_00000030.pt", "step_00000032.pt"]
@@ -136,7 +112,7 @@ def test_sigterm_saves_exits_for_requeue_and_rerun_matches(straight, tmp_path) -
     assert not (run / "results.json").exists()
     proc = train_cmd(run, "resume=auto")
     assert proc.returncode == 0, proc.stderr
-    assert_same_final_state(straight, run)
+    assert_same_final_state(straight, run, 32, TAGS)
 
 
 def test_second_signal_exits_at_once(tmp_path: Path) -> None:
@@ -164,7 +140,7 @@ def test_damaged_newest_checkpoints_are_reported_and_skipped(straight, tmp_path)
     assert f"skipping unusable checkpoint: {newest} is not a readable checkpoint" in out
     assert f"skipping unusable checkpoint: {second} is not a readable checkpoint" in out
     assert f"resuming from the previous checkpoint {ckpts / 'step_00000015.pt'}" in out
-    assert_same_final_state(straight, run)
+    assert_same_final_state(straight, run, 32, TAGS)
 
 
 def test_malicious_checkpoint_is_refused_by_the_cli(tmp_path: Path) -> None:

@@ -22,11 +22,14 @@ from tests.conftest import DATA_DIR, REPO, require_data
 from tests.user_error_cases import (
     CASES,
     FIT_ONE_EPOCH,
+    GPT_CKPT_RUN,
+    LM_TINY,
     SLOW_IDS,
     TINY,
     Case,
     check_case,
     make_bad_data,
+    write_other_characters,
 )
 
 
@@ -79,6 +82,7 @@ def run_cases(workspace: dict, cases: list[Case]) -> dict[str, tuple]:
     """Run cases two at a time; returns each one's process and the run folder after it."""
     tmp, run = workspace["tmp"], workspace["run"]
     values = {"tmp": tmp, "file": tmp / "notes.txt", "ckpt": workspace["ckpt"]}
+    values.update(workspace.get("lm", {}))
 
     def run_case(case: Case) -> tuple[subprocess.CompletedProcess, dict]:
         args = list(case.args)
@@ -91,7 +95,8 @@ def run_cases(workspace: dict, cases: list[Case]) -> dict[str, tuple]:
         env = {}
         if "D" in case.env:
             env["TRAINER_DATA_DIR"] = str(tmp / "data" / case.env["D"])
-        train_args = TINY if case.script == "train.py" and "-cn" not in case.flags else []
+        preset = LM_TINY if case.lm else TINY
+        train_args = preset if case.script == "train.py" and "-cn" not in case.flags else []
         done = run_script(case.script, [*case.flags, *train_args, *args], tmp, env)
         return done, snapshot(run)
 
@@ -111,7 +116,21 @@ def fast_results(workspace: dict) -> dict[str, tuple]:
 
 @pytest.fixture(scope="module")
 def slow_results(workspace: dict) -> dict[str, tuple]:
-    return run_cases(workspace, SLOW_CASES)
+    return run_cases({**workspace, "lm": lm_files(workspace["tmp"])}, SLOW_CASES)
+
+
+def lm_files(tmp: Path) -> dict[str, Path]:
+    """A finished GPT run at block_size 32 and a text of other characters, for LM_FILE_IDS."""
+    run = tmp / "gpt_run"
+    done = run_script("train.py", [*GPT_CKPT_RUN, f"hydra.run.dir={run}"], tmp)
+    assert done.returncode == 0, done.stderr
+    (run / "results.json").unlink()  # interrupted, so that resume=auto continues it
+    write_other_characters(tmp / "other_chars.txt")
+    return {
+        "gpt_run": run,
+        "gpt_ckpt": run / "checkpoints" / "last.pt",
+        "other_chars": tmp / "other_chars.txt",
+    }
 
 
 def test_the_table_is_large_enough() -> None:

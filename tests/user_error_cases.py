@@ -2,7 +2,10 @@
 
 Each case is the arguments of one `python train.py ...` (or eval.py) command and
 the phrase its one `error:` line must contain. Placeholders: {tmp} is the test's
-folder, {file} a plain text file in it, {ckpt} a real checkpoint of a finished run.
+folder, {file} a plain text file in it, {ckpt} a real checkpoint of a finished run,
+{gpt_ckpt} one of a GPT on tiny Shakespeare at block_size 32 (in its interrupted
+run folder {gpt_run}), {other_chars} a text of as many distinct characters as tiny
+Shakespeare but not the same ones.
 """
 
 from __future__ import annotations
@@ -26,6 +29,17 @@ FIT_ONE_EPOCH = [
     "data.eval_batch_size=2000",
 ]
 
+# The GPT recipe, cut to 2 steps in case a check does not fire.
+LM_TINY = [
+    "experiment=shakespeare_char_cpu",
+    "logger=none",
+    "trainer.progress_bar=false",
+    "trainer.max_steps=2",
+    "scheduler.warmup_steps=1",
+    "data.val_windows=12",
+]
+GPT_CKPT_RUN = [*LM_TINY, "data.block_size=32"]
+
 
 @dataclass(frozen=True)
 class Case:
@@ -38,6 +52,8 @@ class Case:
     in_run_dir: bool = True
     # Hydra's own flags (--cfg, -m, -cn) go before all overrides.
     flags: list[str] = field(default_factory=list)
+    # train.py runs get a tiny MLP on MNIST (TINY) or, with lm=True, the GPT recipe (LM_TINY).
+    lm: bool = False
 
 
 CASES = [
@@ -146,7 +162,69 @@ CASES = [
     Case("eval-split", ["ckpt_path={ckpt}", "split=train"], "must be test or val", "eval.py"),
     Case("eval-not-a-ckpt", ["ckpt_path={file}"], "not a file written by torch.save", "eval.py"),
     Case("eval-newer", ["ckpt_path={tmp}/newer.pt"], "newer than this version's", "eval.py"),
+    # Language models: sizes, and checkpoints of another context length or vocabulary.
+    Case(
+        "gpt-heads",
+        ["model.n_embd=30"],
+        "model.n_embd=30 must be divisible by model.n_head=4",
+        lm=True,
+    ),
+    Case(
+        "moe-top-k",
+        ["model=gpt_moe", "model.moe.top_k=5"],
+        "model.moe.top_k=5 must be between 1 and model.moe.num_experts=4",
+        lm=True,
+    ),
+    Case(
+        "gpt-ckpt-block-size",
+        ["ckpt_path={gpt_ckpt}"],
+        "trained with model.block_size=32 and this run's model has block_size=64; "
+        "set data.block_size=32",
+        in_run_dir=False,
+        lm=True,
+    ),
+    Case(
+        "gpt-resume-block-size",
+        ["hydra.run.dir={gpt_run}", "resume=auto"],
+        "trained with model.block_size=32 and this run's model has block_size=64",
+        in_run_dir=False,
+        lm=True,
+    ),
+    Case(
+        "gpt-init-block-size",
+        ["finetune.init_from={gpt_ckpt}"],
+        "does not fit this model: it was trained with model.block_size=32",
+        in_run_dir=False,
+        lm=True,
+    ),
+    Case(
+        "gpt-ckpt-vocab-size",
+        ["ckpt_path={gpt_ckpt}", "data.block_size=32", "data.vocab_size=66"],
+        "trained with model.vocab_size=65 and this run's model has vocab_size=66",
+        in_run_dir=False,
+        lm=True,
+    ),
+    Case(
+        "gpt-ckpt-vocab",
+        ["ckpt_path={gpt_ckpt}", "data.block_size=32", "data.corpus={other_chars}"],
+        "another vocabulary than this data's (65 characters in the checkpoint, 65 in the data; "
+        "only in the checkpoint: 'z'; only in the data: '#')",
+        in_run_dir=False,
+        lm=True,
+    ),
+    Case(
+        "gpt-init-vocab",
+        ["finetune.init_from={gpt_ckpt}", "data.block_size=32", "data.corpus={other_chars}"],
+        "only in the checkpoint: 'z'; only in the data: '#'",
+        in_run_dir=False,
+        lm=True,
+    ),
 ]
+# Cases that need {gpt_run}, {gpt_ckpt} or {other_chars}: they wait for a GPT run of their own.
+LM_FILE_IDS = {
+    "gpt-ckpt-block-size", "gpt-resume-block-size", "gpt-init-block-size",
+    "gpt-ckpt-vocab-size", "gpt-ckpt-vocab", "gpt-init-vocab",
+}  # fmt: skip
 # These get past the plain value checks, so they import torch (~2 s of CPU each) and
 # some read the dataset; the others fail in well under a second.
 SLOW_IDS = {
@@ -155,7 +233,7 @@ SLOW_IDS = {
     "data-magic", "data-truncated", "data-count", "data-dir-unwritable", "labels-vs-classes",
     "val-size", "onecycle-too-short", "ckpt-not-a-ckpt", "ckpt-truncated", "ckpt-other-model",
     "ckpt-newer", "eval-no-ckpt", "eval-split", "eval-not-a-ckpt", "eval-newer",
-    "devices-too-many", "no-cuda",
+    "devices-too-many", "no-cuda", "gpt-heads", "moe-top-k", *LM_FILE_IDS,
 }  # fmt: skip
 if torch.cuda.is_available():
     CASES.append(Case("devices-too-many", ["trainer.devices=999"], "device"))
@@ -256,3 +334,10 @@ def make_bad_data(root: Path) -> None:
                 (raw / good.name).symlink_to(good)
         if content is not None:
             (raw / bad_file).write_bytes(content)
+
+
+def write_other_characters(path: Path) -> None:
+    """Tiny Shakespeare with every 'z' a '#': as many distinct characters, not the same."""
+    text = (DATA_DIR / "tinyshakespeare" / "input.txt").read_text(encoding="utf-8")
+    assert "#" not in text
+    path.write_text(text.replace("z", "#"), encoding="utf-8")

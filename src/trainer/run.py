@@ -124,6 +124,7 @@ def _train(
     job: HydraJob,
     preemption: Any,
 ) -> float | None:
+    from trainer.checkpoint.fits import check_sizes_fit, check_vocabulary_fits
     from trainer.checkpoint.io import check_state_fits, unwrapped_state_dict
     from trainer.config.checks import (
         check_context_fits,
@@ -161,6 +162,7 @@ def _train(
     if resume_from is not None:
         # A checkpoint of another model fails here, naming the keys, before data loads.
         state, source = resume_from
+        check_sizes_fit(state, model, source)
         own = unwrapped_state_dict(model.state_dict())
         check_state_fits(own, unwrapped_state_dict(state["model"]), source)
 
@@ -180,6 +182,11 @@ def _train(
     if cfg.trainer.max_epochs:
         max_steps = min(max_steps, cfg.trainer.max_epochs * steps_per_epoch)
     tokenizer = getattr(data, "tokenizer", None)
+    if resume_from is not None:
+        check_vocabulary_fits(resume_from[0].get("tokenizer"), tokenizer, resume_from[1])
+    elif cfg.finetune.init_from and not cfg.finetune.skip_mismatched:
+        source = f"finetune.init_from={cfg.finetune.init_from}"
+        check_vocabulary_fits(prepared.saved_tokenizer, tokenizer, source)
     task.setup(model, device, tokenizer)  # a preference task takes its reference model here
     # One real batch through the task: data the task cannot use, or a model that does
     # not fit it, fails now in one line rather than at step 1.

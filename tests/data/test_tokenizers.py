@@ -8,7 +8,12 @@ import torch
 
 from tests.conftest import DATA_DIR
 from trainer.data import tokenizers
-from trainer.data.tokenizers import CharTokenizer, HFTokenizer, tokenizer_from_state
+from trainer.data.tokenizers import (
+    CharTokenizer,
+    HFTokenizer,
+    tokenizer_from_state,
+    vocabulary_difference,
+)
 from trainer.error_messages import describe_user_error
 from trainer.errors import CheckpointError, ConfigError, DataError
 
@@ -57,6 +62,26 @@ def test_unknown_characters_are_named(tiny_text):
 def test_bad_state_is_a_checkpoint_error():
     with pytest.raises(CheckpointError, match="unknown tokenizer state"):
         tokenizer_from_state({"kind": "bpe?"})
+
+
+def test_vocabulary_difference_names_what_would_be_remapped():
+    shakespeare = CharTokenizer(list("abc\n")).state_dict()
+    assert vocabulary_difference(shakespeare, CharTokenizer(list("abc\n")).state_dict()) is None
+    same_size = vocabulary_difference(shakespeare, CharTokenizer(list("abd\n")).state_dict())
+    assert same_size == (
+        "4 characters in the checkpoint, 4 in the data; only in the checkpoint: 'c'; "
+        "only in the data: 'd'"
+    )
+    reordered = CharTokenizer(list("abc\n")).state_dict()
+    reordered["chars"] = list("bac\n")
+    assert "the same 4 characters in another order" in vocabulary_difference(shakespeare, reordered)
+    # HF tokenizers compare by vocabulary, wherever the files were loaded from.
+    hf = {"kind": "hf", "name_or_path": "a", "vocab_size": 9, "vocab_sha256": "1"}
+    assert vocabulary_difference(hf, {**hf, "name_or_path": "/elsewhere/a"}) is None
+    assert "'a' of 9 tokens in the checkpoint, 'b' of 9 here" in vocabulary_difference(
+        hf, {**hf, "name_or_path": "b", "vocab_sha256": "2"}
+    )
+    assert "a char tokenizer in the checkpoint, a hf one" in vocabulary_difference(shakespeare, hf)
 
 
 @pytest.mark.slow

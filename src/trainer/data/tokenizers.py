@@ -216,6 +216,36 @@ def build_tokenizer(spec: str, text: str) -> CharTokenizer | HFTokenizer:
     return HFTokenizer(spec)
 
 
+def vocabulary_difference(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How two tokenizer states (`state_dict()`) map ids differently, in words; None when
+    they map every id alike (an HF tokenizer by its vocabulary, wherever it was loaded
+    from) or are of kinds this cannot compare."""
+    kinds = saved.get("kind"), current.get("kind")
+    if kinds == (CHAR, CHAR):
+        old, new = list(saved["chars"]), list(current["chars"])
+        if old == new:
+            return None
+        lost, added = set(old) - set(new), set(new) - set(old)
+        if not (lost or added):
+            return f"the same {len(old)} characters in another order"
+        parts = [f"{len(old)} characters in the checkpoint, {len(new)} in the data"]
+        if lost:
+            parts.append(f"only in the checkpoint: {_shown(lost)}")
+        if added:
+            parts.append(f"only in the data: {_shown(added)}")
+        return "; ".join(parts)
+    if kinds == (HF, HF):
+        if saved.get("vocab_sha256") == current.get("vocab_sha256"):
+            return None
+        return (
+            f"tokenizer {saved.get('name_or_path')!r} of {saved.get('vocab_size')} tokens in the "
+            f"checkpoint, {current.get('name_or_path')!r} of {current.get('vocab_size')} here"
+        )
+    if CHAR in kinds and HF in kinds:
+        return f"a {saved['kind']} tokenizer in the checkpoint, a {current['kind']} one here"
+    return None
+
+
 def tokenizer_from_state(state: dict[str, Any]) -> CharTokenizer | HFTokenizer:
     """The tokenizer a checkpoint's `state_dict()` describes."""
     kind = state.get("kind") if isinstance(state, dict) else None

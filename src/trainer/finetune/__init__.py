@@ -28,23 +28,25 @@ class PreparedModel:
     frozen: list[nn.Parameter] = field(default_factory=list)  # by finetune.freeze
     lora_layers: list[str] = field(default_factory=list)
     norm_hooks: list[Any] = field(default_factory=list)
+    # The tokenizer state of the init_from checkpoint: its ids are what the weights learned.
+    saved_tokenizer: dict | None = None
 
 
 def prepare_model(model: nn.Module, cfg: Any, resuming: bool = False) -> PreparedModel:
     """Apply `cfg` (the finetune section) to a freshly built model, in place."""
     check_finetune_config(cfg)
+    prepared = PreparedModel()
     if cfg.init_from and resuming:
         log.info("finetune.init_from skipped: the weights come from ckpt_path")
     elif cfg.init_from:
-        load_pretrained(
+        prepared.saved_tokenizer = load_pretrained(
             model,
             cfg.init_from,
             strict=cfg.strict,
             key_map=list(cfg.key_map),
             skip_mismatched=cfg.skip_mismatched,
             exclude=list(cfg.exclude),
-        )
-    prepared = PreparedModel()
+        ).tokenizer
     if cfg.lora.targets:
         lora = cfg.lora
         prepared.lora_layers = apply_lora(

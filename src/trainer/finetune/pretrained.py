@@ -6,10 +6,12 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from trainer.checkpoint.fits import size_mismatch
 from trainer.checkpoint.io import load_checkpoint, unwrapped_state_dict
 from trainer.errors import CheckpointError, ConfigError
 from trainer.patterns import matches_any
@@ -24,20 +26,23 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the file, not in the model
     mismatched: list[str] = field(default_factory=list)  # kept the model's fresh init
     excluded: list[str] = field(default_factory=list)
+    tokenizer: dict | None = None  # a trainer checkpoint's tokenizer state
 
 
-def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` file or the model weights of a trainer checkpoint."""
+def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The tensors of a `.safetensors` file or the model weights of a trainer checkpoint,
+    and what else that checkpoint says of them (its run `config`, its `tokenizer`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist; check finetune.init_from")
     if path.suffix != ".safetensors":
-        return load_checkpoint(path)["model"]
+        state = load_checkpoint(path)
+        return state["model"], {k: state[k] for k in ("config", "tokenizer") if k in state}
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(path, device="cpu")
+        return load_file(path, device="cpu"), {}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
@@ -86,9 +91,10 @@ def load_pretrained(
     exclude: Sequence[str] = (),
 ) -> LoadReport:
     """Copy the file's weights into `model`; what was not loaded is logged and returned."""
-    source = rename_keys(unwrapped_state_dict(read_weights(path)), parse_key_map(key_map))
+    weights, saved = read_weights(path)
+    source = rename_keys(unwrapped_state_dict(weights), parse_key_map(key_map))
     own = model.state_dict()
-    report = LoadReport()
+    report = LoadReport(tokenizer=saved.get("tokenizer"))
     to_load = {}
     for key, value in source.items():
         if matches_any(key, exclude):
@@ -104,6 +110,9 @@ def load_pretrained(
     report.missing = [k for k in own if k not in source]
     report.loaded = list(to_load)
     if report.mismatched and not skip_mismatched:
+        why = size_mismatch(saved.get("config"), model)
+        if why:
+            raise CheckpointError(f"finetune.init_from={path} does not fit this model: {why}")
         raise CheckpointError(
             f"finetune.init_from={path}: shapes differ for {_shown(report.mismatched)}; set "
             "finetune.skip_mismatched=true to keep fresh weights there (e.g. a new head)"
