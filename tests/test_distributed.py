@@ -15,6 +15,7 @@ import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
 from trainer.checkpoint.io import load_checkpoint
+from trainer.distributed.launch import threads_per_worker
 from trainer.errors import CheckpointError
 from trainer.run import train
 
@@ -51,6 +52,8 @@ def test_two_ranks_match_one_process_with_double_batch(make_config, tmp_path: Pa
     results = json.loads((tmp_path / "two" / "results.json").read_text())
     assert results["world_size"] == 2 and results["steps"] == 12
     assert isinstance(two["rng"], list) and len(two["rng"]) == 2
+    if "OMP_NUM_THREADS" not in os.environ:  # the cores are shared out, not oversubscribed
+        assert results["provenance"]["cpu_threads"] == threads_per_worker(2)
 
 
 def test_checkpoints_move_between_world_sizes(make_config, tmp_path: Path) -> None:

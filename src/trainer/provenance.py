@@ -29,6 +29,7 @@ def provenance(cfg: DictConfig, device: Any, world_size: int) -> dict[str, Any]:
         },
         "device": _device_name(device),
         "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
         "seed": cfg.seed,
     }
 

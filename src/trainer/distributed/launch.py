@@ -160,6 +160,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def threads_per_worker(nprocs: int) -> int:
+    """This process' cores shared out among `nprocs` workers (at least one each)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // nprocs)
+
+
 def _worker_entry(
     rank: int,
     worker: Callable,
@@ -175,6 +181,12 @@ def _worker_entry(
 
     _die_with_parent(parent)
     follow_launcher(forwarded)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # N workers with a thread per core each oversubscribe the cores, and their
+        # spinning threads slow each other down many times over (torchrun sets 1).
+        import torch
+
+        torch.set_num_threads(threads_per_worker(nprocs))
     os.environ.update(env)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs)})
     try:
