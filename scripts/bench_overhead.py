@@ -183,12 +183,14 @@ def main() -> None:
         what = (
             "`scripts/bench_overhead.py`: Trainer (TensorBoard, progress bar, per-epoch "
             "validation and checkpoint) / hand-written loop, same model and batches, "
-            f"{args.rounds} alternating 1-epoch rounds (`--rounds {args.rounds}`)"
+            f"{args.rounds} alternating 1-epoch rounds (`--rounds {args.rounds}`"
+            + "".join(f" {o}" for o in args.overrides)
+            + ")"
         )
         figure = (
             f"median throughput ratio {statistics.median(ratios):.3f} (rounds "
             f"{min(ratios):.2f}–{max(ratios):.2f}; {statistics.median(trainer_rates) / 1e3:.1f}k "
-            f"vs {statistics.median(hand_rates) / 1e3:.1f}k samples/s)"
+            f"vs {statistics.median(hand_rates) / 1e3:.1f}k {unit}/s)"
         )
         print(markdown_row([what, figure]))
     sys.exit(0)
