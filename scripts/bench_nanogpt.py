@@ -3,10 +3,12 @@
 Runs `python train.py experiment=<name>` for each name given, reads the run's
 TensorBoard events and prints one markdown row each: the final val loss, when
 val loss first reached --target (from the launch), total wall time, training
-tokens/s, total and active parameters, and for a mixture of experts the
-largest over smallest expert share of tokens at the end (1.0 is uniform).
+tokens/s, total and active parameters, and for a mixture of experts each
+expert's share of tokens at the end over the uniform share, smallest and
+largest over all layers (1.0 is uniform).
 
-    python scripts/bench_nanogpt.py shakespeare_char_cpu shakespeare_char_moe
+    python scripts/bench_nanogpt.py shakespeare_char_cpu shakespeare_char_cpu_fast \
+        shakespeare_char_moe
     python scripts/bench_nanogpt.py shakespeare_char_cpu trainer.max_steps=500   # shortened
 
 Reference (issue 13): nanoGPT's own train.py, same recipe, torch 2.13 CPU, this
@@ -78,13 +80,15 @@ def _params(log_line: str) -> str:
 
 
 def _spread(shares: dict[str, float]) -> str:
-    """Largest over smallest expert share within a layer, worst layer."""
+    """Each expert's share of tokens at the end over the uniform share (1/E): the smallest
+    and largest over all layers (within 2x of uniform: 0.5 to 2.0)."""
     if not shares:
         return "-"
     layers: dict[str, list[float]] = {}
     for tag, share in shares.items():
         layers.setdefault(tag.rsplit("/", 1)[0], []).append(share)
-    return f"{max(max(s) / max(min(s), 1e-9) for s in layers.values()):.2f}"
+    ratios = [share * len(row) for row in layers.values() for share in row]
+    return f"{min(ratios):.2f}–{max(ratios):.2f}"
 
 
 def main() -> None:
@@ -103,7 +107,7 @@ def main() -> None:
     )
     print(
         f"| experiment | steps | val loss | val loss <= {args.target} | wall (s) | tokens/s "
-        "| parameters | expert max/min share |"
+        "| parameters | expert share / uniform (min–max) |"
     )
     print("|---|---:|---:|---|---:|---:|---|---:|")
     for name in names:
