@@ -4,7 +4,7 @@ Throughput rows (tokens/s after warm-up steps), LoRA r=8 alpha=16 on q_proj/v_pr
 batch 8 x 128 tokens, AdamW lr 1e-4, the same batches for every row:
 - `hand_fp32`: a minimal hand-written loop (forward, cross-entropy, backward, step).
 - `hand_bf16`: the same loop under bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA).
-- `trl`: TRL's SFTTrainer with PEFT and its defaults, when `trl` is installed
+- `trl`: TRL's SFTTrainer with PEFT and its defaults (bf16 only where native), when `trl` is installed
   (it is not a dependency of this project: the row is skipped without it).
 - `trainer_fp32`, `trainer_bf16`: this project's Trainer (`python train.py
   model=smollm2_135m_instruct finetune=lora_lm task=language_modeling`, TensorBoard
@@ -128,6 +128,10 @@ def trl_row(data: list, warmup: int) -> float:
         max_length=data[0].shape[1] - 1,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        # TRL's default is bf16 autocast: on a CPU without native bf16 (AVX2) that runs
+        # 30x slower than fp32, so there it gets fp32, as this project's precision=auto does.
+        bf16=bf16_native(),
+        fp16=False,
     )
     trainer = SFTTrainer(
         model=causal_lm(SMOLLM2),
@@ -214,10 +218,20 @@ def trainer_row(args: argparse.Namespace, precision: str) -> float:
     return args.steps * 8 * 128 / (times[1] - times[0])
 
 
+def bf16_native() -> bool:
+    import torch
+
+    from trainer.runtime import bf16_supported
+
+    return bf16_supported(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def run_row(row: str, args: argparse.Namespace) -> dict:
     import torch
 
     result: dict = {"row": row}
+    if "bf16" in row and not bf16_native():
+        return {**result, "skipped": "no native bf16 here (AVX2 CPU): emulated bf16 is ~30x slower"}
     if row == "trl":
         try:
             import trl
