@@ -4,8 +4,8 @@ Throughput rows (tokens/s after warm-up steps), LoRA r=8 alpha=16 on q_proj/v_pr
 batch 8 x 128 tokens, AdamW lr 1e-4, the same batches for every row:
 - `hand_fp32`: a minimal hand-written loop (forward, cross-entropy, backward, step).
 - `hand_bf16`: the same loop under bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA).
-- `trl`: TRL's SFTTrainer with PEFT and its defaults (bf16 only where native), when `trl` is installed
-  (it is not a dependency of this project: the row is skipped without it).
+- `trl`: TRL's SFTTrainer with PEFT and its defaults (bf16 only where native), when `trl`
+  is installed (it is not a dependency of this project: the row is skipped without it).
 - `trainer_fp32`, `trainer_bf16`: this project's Trainer (`python train.py
   model=smollm2_135m_instruct finetune=lora_lm task=language_modeling`, TensorBoard
   logging and checkpoints on) on windows of the same shape; its tokens/s is the time
@@ -273,6 +273,7 @@ def main() -> None:
         f"{os.cpu_count()} CPUs, python {platform.python_version()}"
     )
     print(f"{'row':<10} {'tokens/s':>9} {'peak RSS GB':>12}  note")
+    failed = 0
     for row in args.rows.split(","):
         command = [sys.executable, __file__, "--child", row, "--steps", str(args.steps)]
         command += ["--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps)]
@@ -281,6 +282,7 @@ def main() -> None:
         if done.returncode or not lines:
             tail = (done.stderr.strip().splitlines() or ["?"])[-1]
             print(f"{row:<10} {'-':>9} {'-':>12}  failed: {tail}")
+            failed += 1
             continue
         result = json.loads(lines[-1][len("RESULT ") :])
         if "skipped" in result:
@@ -293,6 +295,7 @@ def main() -> None:
             f"{row:<10} {result['tokens_per_s']:>9.0f} {result['peak_rss_gb']:>12.2f}  {note}",
             flush=True,
         )
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == "__main__":

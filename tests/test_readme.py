@@ -40,6 +40,16 @@ TINY = [
 ]
 PLACEHOLDERS = {"<date>/<time>": "2026-01-01/00-00-00"}
 LM_TINY = ["scheduler.warmup_steps=1", "data.val_windows=24", "trainer.val_every_n_steps=null"]
+# The real SmolLM2 (converted once, then cached): two batches of two, one validation batch.
+SMOLLM2_TINY = [
+    *TINY[:-1],
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "data.batch_size=2",
+    "data.eval_batch_size=2",
+    "task.sample_tokens=8",
+    TINY[-1],
+]
 
 
 def slurm_partition() -> str | None:
@@ -87,6 +97,8 @@ RULES = [
     Rule(r"hparams_search=", append=["hydra.sweeper.n_trials=2", *TINY]),
     # The language-model recipes warm up for 100 steps: a tiny run warms up for one.
     Rule(r"experiment=shakespeare", append=[*TINY, *LM_TINY]),
+    Rule(r"experiment=smollm2|scripts/bench_finetune_lm\.py", append=SMOLLM2_TINY),
+    Rule(r"scripts/bench_lm\.py", append=["--rows", "hand_fp32,trainer_fp32", "--steps", "1"]),
     Rule(r"^python generate\.py", append=["max_new_tokens=20"]),
     Rule(
         r"scripts/bench_generate\.py", append=["--rounds", "1", "--tokens", "20", "--sizes", "cpu"]
