@@ -95,6 +95,8 @@ RULES = [
         ],
     ),
     Rule(r"hparams_search=", append=["hydra.sweeper.n_trials=2", *TINY]),
+    # bench_overhead.py measures the Trainer with its progress bar: keep it on.
+    Rule(r"scripts/bench_overhead\.py experiment=", append=["--rounds", "1", *TINY[:-1], *LM_TINY]),
     # The language-model recipes warm up for 100 steps: a tiny run warms up for one.
     Rule(r"experiment=shakespeare", append=[*TINY, *LM_TINY]),
     Rule(r"experiment=smollm2|scripts/bench_finetune_lm\.py", append=SMOLLM2_TINY),
