@@ -53,6 +53,10 @@ COVERED_ELSEWHERE = {
     "task=dpo": "tests/chat/test_chat_configs.py",
     "data=dataset": "tests/test_loop.py, tests/test_examples.py",
     "data=shakespeare_complete_hf": "test_domain_adaptation_data_uses_the_model_tokenizer below",
+    # Run end to end on a tiny llama (and shortened on the real SmolLM2 by the README test).
+    "experiment=smollm2_sft_chatterbot": "tests/chat/test_recipes.py",
+    "experiment=smollm2_domain_shakespeare": "tests/chat/test_recipes.py",
+    "experiment=smollm2_dpo_chatterbot": "tests/chat/test_recipes.py",
 }
 
 
