@@ -6,10 +6,15 @@ line that goes above each table, so a figure always says where it came from.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
 import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,3 +47,18 @@ def provenance() -> str:
 
 def markdown_row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+@contextlib.contextmanager
+def recipe_run(experiment: str, overrides: list[str]) -> Iterator[tuple[Path, float, float]]:
+    """`python train.py experiment=<name>` as a user runs it, into a temporary folder that
+    lives while the caller reads it: yields (run folder, launch time, wall seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp) / "run"
+        launched = time.time()
+        subprocess.run(
+            [sys.executable, str(REPO / "train.py"), f"experiment={experiment}",
+             f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides],
+            check=True, stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        yield run_dir, launched, time.time() - launched

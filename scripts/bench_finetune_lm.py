@@ -14,14 +14,11 @@ and at the end (TensorBoard's Text tab, `answers`).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_common import REPO, provenance  # noqa: E402
+from bench_common import provenance, recipe_run  # noqa: E402
 
 # What each task's row shows, in this order, when logged.
 METRICS = ["val/loss", "val/ppl", "val/token_acc", "val/reward_acc", "val/reward_margin", "val/kl"]
@@ -30,15 +27,7 @@ METRICS = ["val/loss", "val/ppl", "val/token_acc", "val/reward_acc", "val/reward
 def run_experiment(experiment: str, overrides: list[str]) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        launched = time.time()
-        subprocess.run(
-            [sys.executable, str(REPO / "train.py"), f"experiment={experiment}",
-             f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        wall = time.time() - launched
+    with recipe_run(experiment, overrides) as (run_dir, _, wall):
         events = EventAccumulator(
             str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}
         )

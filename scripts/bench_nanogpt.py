@@ -24,25 +24,16 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_common import REPO, recipe_run  # noqa: E402
 
 
 def run_recipe(experiment: str, overrides: list[str], target: float) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    with tempfile.TemporaryDirectory() as tmp:
-        run_dir = Path(tmp) / "run"
-        launched = time.time()
-        subprocess.run(
-            [sys.executable, str(REPO / "train.py"), f"experiment={experiment}",
-             f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides],
-            check=True, stdout=subprocess.DEVNULL,
-        )  # fmt: skip
-        wall = time.time() - launched
+    with recipe_run(experiment, overrides) as (run_dir, launched, wall):
         events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
         val = events.Scalars("val/loss")
