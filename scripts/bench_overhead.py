@@ -124,7 +124,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--markdown", action="store_true", help="end with the README row")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=cnn")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may come before and after --rounds
     data_dir = os.environ.get("TRAINER_DATA_DIR", str(Path(__file__).parents[2] / "shared/data"))
     register_configs()
     with initialize_config_module("trainer.configs", version_base="1.3"):
