@@ -278,10 +278,10 @@ def _train(
     test = trainer.test() if cfg.trainer.test_after_fit else {}
     results = {
         "status": "pruned" if fit["stop_reason"] == "pruned" else "completed",
-        "metrics": {**trainer.best_metrics, **test},
+        "metrics": {**trainer.best.metrics, **test},
         "last_val": trainer.last_val,
-        "best_epoch": trainer.best_epoch,
-        "best_step": trainer.best_step,
+        "best_epoch": trainer.best.epoch,
+        "best_step": trainer.best.step,
         "monitor": cfg.trainer.monitor,
         "epochs": trainer.epoch,
         "steps": trainer.global_step,

@@ -20,6 +20,7 @@ from trainer.checkpoint.io import capture_rng, restore_rng
 from trainer.distributed.context import DistContext, gather_rng_states
 from trainer.distributed.strategies import SingleProcess
 from trainer.errors import CheckpointError
+from trainer.loop.best import BestSoFar
 from trainer.loop.nan_guard import NanGuard
 
 log = logging.getLogger(__name__)
@@ -47,11 +48,7 @@ class CheckpointedLoop(Protocol):
     epoch: int
     batch_in_epoch: int
     global_step: int
-    best_value: float | None
-    best_metrics: dict[str, float]
-    best_epoch: int
-    best_step: int
-    bad_validations: int
+    best: BestSoFar
     last_val: dict[str, float]
     stop_reason: str | None
     validated_at_step: int
@@ -80,11 +77,7 @@ def training_state(trainer: CheckpointedLoop) -> dict[str, Any]:
         # Every rank's RNG (dropout masks differ per rank), gathered for exact resume.
         "rng": gather_rng_states(capture_rng(), trainer.dist),
         "trainer": {
-            "best_value": trainer.best_value,
-            "best_metrics": trainer.best_metrics,
-            "best_epoch": trainer.best_epoch,
-            "best_step": trainer.best_step,
-            "bad_validations": trainer.bad_validations,
+            **trainer.best.state_dict(),
             "last_val": trainer.last_val,
             "stop_reason": saved_stop_reason(trainer),
             "validated_at_step": trainer.validated_at_step,
@@ -168,9 +161,7 @@ def load_training_state(trainer: CheckpointedLoop, state: dict[str, Any], source
     rng = state["rng"]
     restore_rng(rng[trainer.dist.rank] if isinstance(rng, list) else rng)
     history = state["trainer"]
-    trainer.best_value, trainer.best_epoch = history["best_value"], history["best_epoch"]
-    trainer.best_step, trainer.bad_validations = history["best_step"], history["bad_validations"]
-    trainer.best_metrics = dict(history["best_metrics"])
+    trainer.best.load_state_dict(history)
     trainer.last_val = dict(history["last_val"])
     # Format 1 checkpoints were written at epoch ends only: no meters or counters.
     trainer.stop_reason = history.get("stop_reason")

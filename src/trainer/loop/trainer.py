@@ -33,7 +33,8 @@ from trainer.config.schema import plain_config
 from trainer.data.batches import SplitBatches
 from trainer.distributed.context import all_reduce_sum, barrier
 from trainer.distributed.strategies import SingleProcess
-from trainer.errors import ConfigError, Preempted
+from trainer.errors import Preempted
+from trainer.loop.best import BestSoFar
 from trainer.loop.evaluation import evaluate_model
 from trainer.loop.loss_weights import StepLossWeights
 from trainer.loop.nan_guard import NanGuard
@@ -99,12 +100,9 @@ class Trainer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         # Gradual unfreezing (finetune.unfreeze_at_epoch): called with each new epoch.
         self.unfreezer = unfreezer
-        self.maximize = cfg.monitor_mode == "max"
         # Position and history: everything a checkpoint must carry to continue exactly.
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
-        self.best_value: float | None = None
-        self.best_metrics: dict[str, float] = {}
-        self.best_epoch, self.best_step, self.bad_validations = -1, -1, 0
+        self.best = BestSoFar.from_config(cfg)
         self.stop_reason: str | None = None
         self.last_val: dict[str, float] = {}
         self.validated_at_step = -1
@@ -317,46 +315,20 @@ class Trainer:
         self.last_val = metrics
         self._log(metrics)
         self._log_samples()
-        log.info(
-            "epoch %d step %d: %s",
-            self.epoch,
-            self.global_step,
-            " ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
-        )
-        if self.cfg.monitor not in metrics:
-            raise ConfigError(
-                f"trainer.monitor={self.cfg.monitor!r} is not a logged metric; "
-                f"choose one of {sorted(metrics)}"
-            )
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        log.info("epoch %d step %d: %s", self.epoch, self.global_step, shown)
         if not track_best:
+            self.best.check_logged(metrics)
             return
-        value = metrics[self.cfg.monitor]
-        delta = self.cfg.early_stopping.min_delta
-        if self.best_value is None or (
-            value > self.best_value + delta if self.maximize else value < self.best_value - delta
-        ):
-            self.best_value, self.best_epoch, self.best_step = value, self.epoch, self.global_step
-            self.best_metrics = metrics
-            self.bad_validations = 0
-            if self.files is not None and self.checkpoint_cfg.save_best:
-                self._check_recorded_nonfinite()
-                state = self.state_dict()  # collective under torch.distributed
-                if self.dist.is_main:
-                    self.files.save_best(state)
-                barrier(self.dist)  # no rank runs ahead of a save (readers wait: see test())
-                self._best_key = state_key(self)
-        else:
-            self.bad_validations += 1
-        patience = self.cfg.early_stopping.patience
-        if patience is not None and self.bad_validations >= patience:
-            self.stop_reason = "early_stopping"
-            log.info(
-                "early stopping: %s did not improve for %d validations", self.cfg.monitor, patience
-            )
-        target = self.cfg.stop_at
-        if target is not None and (value >= target if self.maximize else value <= target):
-            self.stop_reason = "stop_at"
-            log.info("stop_at reached: %s=%.4f (target %s)", self.cfg.monitor, value, target)
+        improved, stop = self.best.update(metrics, self.epoch, self.global_step)
+        if improved and self.files is not None and self.checkpoint_cfg.save_best:
+            self._check_recorded_nonfinite()
+            state = self.state_dict()  # collective under torch.distributed
+            if self.dist.is_main:
+                self.files.save_best(state)
+            barrier(self.dist)  # no rank runs ahead of a save (readers wait: see test())
+            self._best_key = state_key(self)
+        self.stop_reason = stop or self.stop_reason
         for callback in self.callbacks:
             callback.on_validation_end(self, metrics)
 
