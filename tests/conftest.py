@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import DictConfig
 
+from tests.cli_runner import run_python
 from trainer.config.schema import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +51,20 @@ def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
 
 def run_cli(
-    args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
+    args: list[str],
+    cwd: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run a command as a user would, with the data dir taken from the environment."""
+    """Run a command as a user would, with the data dir taken from the environment.
+
+    A Python script runs in a process forked from one with torch and the package
+    imported (tests/cli_runner.py); `fresh=True` starts a new interpreter instead."""
     full_env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR), **(env or {})}
     full_env.pop("HYDRA_FULL_ERROR", None)
+    if args[0].endswith(".py") and not fresh:
+        return run_python(args[0], args[1:], cwd, full_env, timeout)
     return subprocess.run(
         [sys.executable, *args] if args[0].endswith(".py") else args,
         cwd=cwd,

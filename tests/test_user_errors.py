@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.cli_runner import run_python
 from tests.conftest import DATA_DIR, REPO, require_data
 from tests.user_error_cases import (
     CASES,
@@ -38,14 +39,7 @@ def run_script(
 ) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     full_env.update({"TRAINER_DATA_DIR": str(DATA_DIR), **(env or {})})
-    return subprocess.run(
-        [sys.executable, str(REPO / script), *args],
-        cwd=cwd,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python(REPO / script, args, cwd, full_env, timeout=300)
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
