@@ -288,12 +288,13 @@ class Trainer:
         for name, value in self.task.train_metrics().items():
             metrics[f"train/{name}"] = float(value)
         self._log(metrics)
+        shown_rate = f"{rate:.0f}" if rate >= 100 else f"{rate:.3g}"  # a DPO run: ~0.3 pairs/s
         if bar.disable:
             where = f"epoch {self.epoch} step {self.global_step} "
             where += f"({self.batch_in_epoch}/{len(self.train_batches)})"
-            log.info("%s: loss %.4f lr %.3g %.0f %s/s", where, loss, lr, rate, unit)
+            log.info("%s: loss %.4f lr %.3g %s %s/s", where, loss, lr, shown_rate, unit)
         else:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", rate=f"{rate:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", rate=shown_rate, refresh=False)
         meters.reset()
 
     def _log(self, metrics: dict[str, float]) -> None:
