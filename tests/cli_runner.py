@@ -66,10 +66,10 @@ def _run_as_main(script: str, args: list[str], cwd: str, env: dict, out: str, er
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
-    if "OMP_NUM_THREADS" in env:
-        import torch
+    import torch
 
-        torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
+    # What a cold start's OpenMP would read from this environment, not the server's.
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0))))
     for fd, path in ((1, out), (2, err)):
         file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(file, fd)

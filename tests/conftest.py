@@ -10,12 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import DictConfig
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One torch thread per test worker (-n auto starts one per core): a full thread pool in
+    # each would oversubscribe the cores, and spinning OpenMP threads then slow every run.
+    # Set before torch is first imported, when OpenMP reads it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.cli_runner import run_python
-from trainer.config.schema import register_configs
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from tests.cli_runner import run_python  # noqa: E402
+from trainer.config.schema import register_configs  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("TRAINER_DATA_DIR") or REPO.parent / "shared" / "data").resolve()
