@@ -4,9 +4,9 @@ Most of a CLI test's time was Python importing torch, Hydra and this package (3-
 2 cores, for a run that then trains for one second). Here a fork server imports them
 once per test session, and each command runs in a new process forked from it: its own
 pid, working directory, environment, stdout/stderr and exit status, the script run as
-`__main__`, and the atexit handlers (logging's flush, Hydra's) run on exit as in
-`python script.py`. The server imports modules only and runs no torch op, so no thread
-pool is copied into a fork.
+`__main__`, and on exit threading's and the atexit hooks (logging's flush, a process
+pool's shutdown) run as in `python script.py`. The server imports modules only and runs
+no torch op, so no thread pool is copied into a fork.
 
 What differs from a cold start is when the preloaded modules read the environment: at
 the server's start. So commands whose environment sets what torch reads at import
@@ -24,6 +24,7 @@ import runpy
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 from pathlib import Path
 
@@ -85,6 +86,10 @@ def _run_as_main(script: str, args: list[str], cwd: str, env: dict, out: str, er
         traceback.print_exc()
         code = 1
     try:
+        # As the interpreter ends: threading's exit hooks first (a joblib/loky pool stops its
+        # workers there; skipped, the atexit join waits out their 300 s idle timeout), then
+        # the non-daemon threads are joined, then the atexit functions run.
+        threading._shutdown()
         atexit._run_exitfuncs()
     finally:
         sys.stdout.flush()

@@ -163,9 +163,9 @@ COMMANDS = list(dict.fromkeys(readme_commands()))  # a repeated command runs onc
 
 def test_readme_has_the_two_fresh_machine_commands() -> None:
     assert any("pip install torch==2.13.0" in c and "python train.py" in c for c in COMMANDS)
-    assert "TRAINER_DATA_DIR=../shared/data python -m pytest -q" in COMMANDS
+    assert "TRAINER_DATA_DIR=../shared/data python -m pytest -q -n auto" in COMMANDS
     ci = (REPO / ".ci" / "run").read_text()
-    assert "python -m pytest -q" in ci and "torch==2.13.0" in ci
+    assert "\npython -m pytest -q -n auto\n" in ci and "torch==2.13.0" in ci
 
 
 def test_every_readme_command_has_a_rule() -> None:
