@@ -17,7 +17,6 @@ paying the interpreter's start-up for each of ~35 commands.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -28,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_runner import run_python
 from tests.conftest import REPO, require_data, run_cli
 from tests.tensorboard_server import served
 
@@ -256,13 +254,9 @@ def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
         with served(words[1:], cwd=tmp_path) as tb:
             assert tb.wait_for(lambda: tb.runs()), "TensorBoard shows no run"
         return
-    env = {**os.environ, "TRAINER_DATA_DIR": str(require_data())}
-    if words[0] == sys.executable and words[1].endswith(".py"):
-        done = run_python(words[1], [*words[2:], *append], cwd, env, timeout=900)
-    else:
-        done = subprocess.run(
-            [*words, *append], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
-        )
+    # `python <script>`: run_cli forks it from the preloaded server; the rest run as they are.
+    python_script = words[0] == sys.executable and words[1].endswith(".py")
+    done = run_cli([*(words[1:] if python_script else words), *append], cwd, timeout=900)
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     assert "Traceback" not in done.stderr and "\nerror:" not in "\n" + done.stderr
     if "bench_readme.py" in command:

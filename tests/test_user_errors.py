@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.cli_runner import run_python
-from tests.conftest import DATA_DIR, REPO, require_data
+from tests.conftest import DATA_DIR, REPO, require_data, run_cli
 from tests.user_error_cases import (
     CASES,
     FIT_ONE_EPOCH,
@@ -37,9 +36,7 @@ from tests.user_error_cases import (
 def run_script(
     script: str, args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    full_env.update({"TRAINER_DATA_DIR": str(DATA_DIR), **(env or {})})
-    return run_python(REPO / script, args, cwd, full_env, timeout=300)
+    return run_cli([str(REPO / script), *args], cwd, env=env)
 
 
 def snapshot(run: Path) -> dict[str, bytes]:
