@@ -67,8 +67,9 @@ def run_cli(
 
     A Python script runs in a process forked from one with torch and the package
     imported (tests/cli_runner.py); `fresh=True` starts a new interpreter instead."""
-    full_env = {**os.environ, "TRAINER_DATA_DIR": str(DATA_DIR), **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
+    # The test's own HYDRA_FULL_ERROR counts; the one the suite may run under does not.
+    inherited = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    full_env = {**inherited, "TRAINER_DATA_DIR": str(DATA_DIR), **(env or {})}
     if args[0].endswith(".py") and not fresh:
         return run_python(args[0], args[1:], cwd, full_env, timeout)
     return subprocess.run(
