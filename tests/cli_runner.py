@@ -37,6 +37,8 @@ PRELOAD = [
     "trainer.cli",
     "trainer.run",
     "transformers",
+    "transformers.models.llama.modeling_llama",  # the tiny llama's and SmolLM2's class
+    "transformers.tokenization_utils_fast",
     "peft",
 ]
 FRESH_PROCESSES = os.environ.get("TRAINER_TEST_FRESH_PROCESSES") == "1"

@@ -27,6 +27,8 @@ COMPANIONS: dict[str, list[str]] = {
     "model=gpt_moe": LM_SYNTHETIC,
     "data=shakespeare_char": ["task=language_modeling", "model=gpt"],
     "data=shakespeare_complete": ["task=language_modeling", "model=gpt"],
+    # The nanoGPT-sized model on one batch of two windows (its 64 cost CPU time, not coverage).
+    "experiment=shakespeare_char": ["data.batch_size=2"],
 }
 
 
@@ -53,7 +55,7 @@ COVERED_ELSEWHERE = {
     "task=dpo": "tests/chat/test_chat_configs.py",
     "data=dataset": "tests/test_loop.py, tests/test_examples.py",
     "data=shakespeare_complete_hf": "test_domain_adaptation_data_uses_the_model_tokenizer below",
-    # Run end to end on a tiny llama (and shortened on the real SmolLM2 by the README test).
+    # Run end to end on a tiny llama (and as README commands, shortened, by the README test).
     "experiment=smollm2_sft_chatterbot": "tests/chat/test_recipes.py",
     "experiment=smollm2_domain_shakespeare": "tests/chat/test_recipes.py",
     "experiment=smollm2_dpo_chatterbot": "tests/chat/test_recipes.py",

@@ -40,10 +40,16 @@ TINY = [
     "trainer.limit_test_batches=2",
     "trainer.progress_bar=false",  # last: bench_readme's rule leaves it out
 ]
+# Image runs: the tiny run's few batches, small (MNIST's are 256 and 1000 for evaluation).
+SMALL_BATCHES = ["data.batch_size=32", "data.eval_batch_size=100"]
 PLACEHOLDERS = {"<date>/<time>": "2026-01-01/00-00-00"}
 LM_TINY = ["scheduler.warmup_steps=1", "data.val_windows=24", "trainer.val_every_n_steps=null"]
-# The real SmolLM2 (converted once, then cached): two batches of two, one validation batch.
+# The SmolLM2 recipes on a random llama of SmolLM2's architecture, tokenizer files and chat
+# template (tests/models/test_smollm2.py runs the real model): two batches of two, one
+# validation batch.
+TINY_LLAMA = "{tiny_llama}"  # the `tiny_llama` fixture's folder
 SMOLLM2_TINY = [
+    f"model.name_or_path={TINY_LLAMA}",
     *TINY[:-1],
     "trainer.limit_train_batches=2",
     "trainer.limit_val_batches=1",
@@ -106,22 +112,26 @@ RULES = [
         skip="runs the three SmolLM2 recipes, which the three commands above run (shortened)",
     ),
     Rule(r"experiment=smollm2", append=SMOLLM2_TINY),
-    Rule(r"scripts/bench_lm\.py", append=["--rows", "hand_fp32,trainer_fp32", "--steps", "1"]),
+    Rule(
+        r"scripts/bench_lm\.py",
+        append=["--rows", "hand_fp32,trainer_fp32", "--steps", "1", "--model", TINY_LLAMA],
+    ),
     Rule(r"^python generate\.py", append=["max_new_tokens=20"]),
     Rule(
         r"scripts/bench_generate\.py", append=["--rounds", "1", "--tokens", "20", "--sizes", "cpu"]
     ),
     Rule(r"scripts/bench_nanogpt\.py", append=[*TINY, *LM_TINY]),
-    Rule(r"(train|eval)\.py", append=TINY),
+    Rule(r"train\.py", append=[*SMALL_BATCHES, *TINY]),
+    Rule(r"eval\.py", append=TINY),  # the checkpoint's data config, batch sizes included
     Rule(r"^tensorboard --logdir "),
     Rule(r"scripts/(sweep_report|export)\.py"),
-    Rule(r"scripts/bench_accuracy\.py", append=TINY),
+    Rule(r"scripts/bench_accuracy\.py", append=[*SMALL_BATCHES, *TINY]),
     Rule(r"scripts/bench_overhead\.py", append=["--rounds", "1", "data.val_size=50000"]),
     Rule(r"scripts/bench_startup\.py", append=["--runs", "1"]),
     Rule(
         r"scripts/bench_readme\.py",
         # bench_overhead.py measures the Trainer with its progress bar: keep it on.
-        append=["--rounds", "1", "--runs", "1", *TINY[:-1], "data.val_size=50000"],
+        append=["--rounds", "1", "--runs", "1", *SMALL_BATCHES, *TINY[:-1], "data.val_size=50000"],
     ),
 ]
 
@@ -206,8 +216,9 @@ def provided(tmp_path_factory: pytest.TempPathFactory):
             folder = tmp_path_factory.mktemp("readme-provided") / "run"
             script, *args = PROVIDERS[path]
             dir_key = "hydra.sweep.dir" if "-m" in args else "hydra.run.dir"
+            small = [] if any("experiment=shakespeare" in a for a in args) else SMALL_BATCHES
             done = run_cli(
-                [str(REPO / script), *args, *TINY, f"{dir_key}={folder}"],
+                [str(REPO / script), *args, *small, *TINY, f"{dir_key}={folder}"],
                 cwd=folder.parent,
                 timeout=600,
             )
@@ -226,7 +237,9 @@ def results_files(folder: Path) -> set[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
-def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
+def test_readme_command_runs(
+    command: str, tmp_path: Path, provided, request: pytest.FixtureRequest
+) -> None:
     require_data()
     rule = rule_for(command)
     assert rule is not None, f"no rule in RULES for the README command: {command}"
@@ -238,6 +251,9 @@ def test_readme_command_runs(command: str, tmp_path: Path, provided) -> None:
         if partition is None:
             pytest.skip("needs a SLURM cluster (sinfo finds none here)")
         append = [a.replace("{slurm_partition}", partition) for a in append]
+    if any(TINY_LLAMA in a for a in append):
+        folder = str(request.getfixturevalue("tiny_llama"))
+        append = [a.replace(TINY_LLAMA, folder) for a in append]
     cwd = tmp_path
     moved = re.match(r"cd (\S+) && (.*)", command)
     if moved:  # run from a folder of the repo (examples/...); the run folder stays here
