@@ -28,6 +28,20 @@ DATA_DIR = Path(os.environ.get("TRAINER_DATA_DIR") or REPO.parent / "shared" / "
 
 register_configs()
 
+# Under pytest-xdist (`--dist loadgroup`), each test file runs on one worker, so its module
+# fixtures are made once; the README's commands, which share only cheap session runs, are
+# handed out one by one instead, so that this file of long commands is not one worker's
+# queue while the other worker idles.
+SPREAD_FILES = {"tests/test_readme.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path not in SPREAD_FILES:
+            item.add_marker(pytest.mark.xdist_group(path))
+
 
 def require_data() -> Path:
     if not (DATA_DIR / "MNIST" / "raw").is_dir():
