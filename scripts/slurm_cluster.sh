@@ -60,8 +60,9 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 # Schedule eligible jobs (a requeued one, once its BeginTime passes) within seconds.
 SchedulerParameters=sched_interval=2,bf_interval=1
-# Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or timed out.
-KillWait=30
+# Seconds between SIGTERM and SIGKILL when a job is cancelled, requeued or timed out: the
+# trainer saves within a step, so 10 s is plenty, and a test of scancel waits no longer.
+KillWait=10
 MinJobAge=600
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none

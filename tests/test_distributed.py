@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
+from tests.test_readme import readme_args
 from trainer.checkpoint.io import load_checkpoint
 from trainer.distributed.launch import threads_per_worker
 from trainer.errors import CheckpointError
@@ -91,8 +92,7 @@ def test_torchrun_val_accuracy_equals_single_process_eval(tmp_path: Path) -> Non
             sys.executable,
             "-m",
             "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
+            *[a for a in readme_args("torchrun", "--standalone") if a != "train.py"],  # README
             str(REPO / "train.py"),
             *TINY,
             "trainer.limit_train_batches=20",
@@ -170,8 +170,7 @@ def test_ddp_inside_a_multirun_sweep(tmp_path: Path) -> None:
         [
             str(REPO / "train.py"),
             "-m",
-            "trainer.devices=2",
-            "optimizer.lr=1e-3,1e-2",
+            *readme_args("python train.py -m", "trainer.devices=2"),  # the README's line
             *TINY,
             "trainer.limit_train_batches=10",
             "logger=none",

@@ -91,6 +91,24 @@ RULES = [
         skip="2 nodes of 8 processes; tests/test_distributed.py runs this launch with two "
         "torchrun launchers on one machine",
     ),
+    # Commands that a test of their own runs, through `readme_args`, with more checks.
+    Rule(
+        r"submitit_slurm .*(trainer=debug|run_id=preempted|run_id=timed_out)",
+        skip="tests/test_slurm.py runs this line on the test cluster",
+    ),
+    Rule(
+        r"^python train\.py -m trainer\.devices=2 optimizer\.lr=1e-3,1e-2$",
+        skip="tests/test_distributed.py::test_ddp_inside_a_multirun_sweep runs it",
+    ),
+    Rule(
+        r"^torchrun --standalone --nproc_per_node=2 train\.py$",
+        skip="tests/test_distributed.py::test_torchrun_val_accuracy_equals_single_process_eval"
+        " runs it",
+    ),
+    Rule(
+        r"^python train\.py -m hydra/launcher=submitit_local optimizer\.lr=1e-3,3e-3$",
+        skip="tests/test_sweep.py::test_submitit_local_launcher_runs_two_jobs runs it",
+    ),
     # SLURM lines run where a cluster answers (CPU only: no GPUs asked for, one device).
     Rule(
         r"hydra/launcher=submitit_slurm",
@@ -130,8 +148,14 @@ RULES = [
     Rule(r"scripts/bench_startup\.py", append=["--runs", "1"]),
     Rule(
         r"scripts/bench_readme\.py",
-        # bench_overhead.py measures the Trainer with its progress bar: keep it on.
-        append=["--rounds", "1", "--runs", "1", *SMALL_BATCHES, *TINY[:-1], "data.val_size=50000"],
+        # One accuracy row of the three: the others run the same script, bench_accuracy.py,
+        # on other configs. bench_overhead.py measures the Trainer with its progress bar:
+        # keep it on.
+        append=[
+            "--only",
+            "mlp,overhead,startup",
+            *["--rounds", "1", "--runs", "1", *SMALL_BATCHES, *TINY[:-1], "data.val_size=50000"],
+        ],
     ),
 ]
 
@@ -160,6 +184,19 @@ def readme_commands() -> list[str]:
             if line and not line.startswith("#"):
                 commands.append(line)
     return commands
+
+
+def readme_args(start: str, *words: str) -> list[str]:
+    """The arguments after `start` of the one README command that starts with it and holds
+    each of `words`: for a test that runs that command with assertions of its own (the
+    README case then skips it, naming that test)."""
+    found = [
+        c
+        for c in dict.fromkeys(readme_commands())
+        if c.startswith(start + " ") and all(w in shlex.split(c) for w in words)
+    ]
+    assert len(found) == 1, f"README commands starting {start!r} with {words}: {found}"
+    return shlex.split(found[0])[len(shlex.split(start)) :]
 
 
 def rule_for(command: str) -> Rule | None:
@@ -282,7 +319,7 @@ def test_readme_command_runs(
         assert printed[0].startswith("Measured ") and "commit `" in printed[0]
         headers = [line for line in printed if line.startswith(("| command |", "| benchmark |"))]
         assert len(headers) == 2 and all(h in readme for h in headers)
-        assert len([line for line in printed if line.startswith("| `")]) == 5
+        assert len([line for line in printed if line.startswith("| `")]) == 3
     elif "eval.py" in command:
         (record,) = tmp_path.glob("outputs/*/*/eval_results.json")
         assert json.loads(record.read_text())["metrics"]["test/acc"] > 0.1

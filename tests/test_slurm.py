@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -103,17 +102,11 @@ def start_sweep() -> Iterator[Callable[..., subprocess.Popen]]:
 
 
 def readme_sweep(run_id_or_option: str) -> list[str]:
-    """The overrides of the README's SLURM line that holds this option (a test runs each)."""
-    from tests.test_readme import readme_commands
+    """The overrides of the README's SLURM line that holds this option (a test runs each;
+    the README's own test skips them)."""
+    from tests.test_readme import readme_args
 
-    (line,) = [
-        c
-        for c in readme_commands()
-        if c.startswith(f"python train.py -m {' '.join(LAUNCHER)}")
-        and run_id_or_option in shlex.split(c)
-    ]
-    args = shlex.split(line)
-    return args[args.index("-m") + 1 :]
+    return readme_args("python train.py -m", *LAUNCHER, run_id_or_option)
 
 
 def finish(proc: subprocess.Popen, timeout: float = QUEUE_TIMEOUT_S) -> tuple[str, str]:

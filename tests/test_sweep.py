@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import REPO, require_data, run_cli
 from tests.sweep_helpers import REPORT, job_folders, report, results
+from tests.test_readme import readme_args
 from trainer.sweep.callback import sweep_subdir
 
 TRAIN = str(REPO / "train.py")
@@ -156,9 +157,8 @@ def test_submitit_local_launcher_runs_two_jobs(tmp_path: Path) -> None:
         tmp_path,
         *SHORT,
         "trainer=debug",
-        "hydra/launcher=submitit_local",
+        *readme_args("python train.py -m", "hydra/launcher=submitit_local"),  # the README's
         "hydra.launcher.timeout_min=10",
-        "model.hidden_sizes=[16],[32]",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     folders = job_folders(sweep_dir)
