@@ -28,19 +28,22 @@ DATA_DIR = Path(os.environ.get("TRAINER_DATA_DIR") or REPO.parent / "shared" / "
 
 register_configs()
 
-# Under pytest-xdist (`--dist loadgroup`), each test file runs on one worker, so its module
-# fixtures are made once; the README's commands, which share only cheap session runs, are
-# handed out one by one instead, so that this file of long commands is not one worker's
-# queue while the other worker idles.
-SPREAD_FILES = {"tests/test_readme.py"}
+# Under pytest-xdist (`--dist loadgroup`), a file with module fixtures runs on one worker,
+# so they are made once; the other tests are handed out one by one, the slow ones first, so
+# that the workers end together instead of one finishing a long test while the other idles.
+MODULE_FIXTURE = 'scope="module"'
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    has_module_fixtures: dict[Path, bool] = {}
     for item in items:
-        path = item.nodeid.split("::")[0]
-        if path not in SPREAD_FILES:
-            item.add_marker(pytest.mark.xdist_group(path))
+        path = Path(item.fspath)
+        if path not in has_module_fixtures:
+            has_module_fixtures[path] = MODULE_FIXTURE in path.read_text()
+        if has_module_fixtures[path]:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def require_data() -> Path:

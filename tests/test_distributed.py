@@ -24,18 +24,21 @@ pytestmark = pytest.mark.slow
 TINY = ["model.hidden_sizes=[64]", "trainer.max_epochs=1", "trainer.log_every_n_steps=5"]
 
 
-def spawned_workers(parent: int | None = None) -> set[int]:
-    """PIDs of live torch.multiprocessing workers on this machine (of `parent` only)."""
+def spawned_workers(under: Path, parent: int | None = None) -> set[int]:
+    """PIDs of live torch.multiprocessing workers (of `parent` only) working in `under` or
+    a folder below it: the test's own, not those of a test running beside it."""
     pids = set()
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             try:
                 cmdline = (proc / "cmdline").read_bytes()
                 ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                cwd = Path(os.readlink(proc / "cwd"))
             except (OSError, IndexError, ValueError):
                 continue
             if b"multiprocessing.spawn" in cmdline and parent in (None, ppid):
-                pids.add(int(proc.name))
+                if cwd == under or under in cwd.parents:
+                    pids.add(int(proc.name))
     return pids
 
 
@@ -165,7 +168,7 @@ def test_two_node_torchrun_writes_one_run_folder(tmp_path: Path) -> None:
 
 def test_ddp_inside_a_multirun_sweep(tmp_path: Path) -> None:
     require_data()
-    before = spawned_workers()
+    before = spawned_workers(tmp_path)
     done = run_cli(
         [
             str(REPO / "train.py"),
@@ -182,12 +185,12 @@ def test_ddp_inside_a_multirun_sweep(tmp_path: Path) -> None:
     results = sorted((tmp_path / "sweep").glob("*/results.json"))
     assert len(results) == 2
     assert all(json.loads(r.read_text())["world_size"] == 2 for r in results)
-    assert spawned_workers() - before == set(), "worker processes were left behind"
+    assert spawned_workers(tmp_path) - before == set(), "worker processes were left behind"
 
 
 def test_killing_one_rank_stops_the_run_with_a_clear_error(tmp_path: Path) -> None:
     require_data()
-    before = spawned_workers()
+    before = spawned_workers(tmp_path)
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -207,7 +210,7 @@ def test_killing_one_rank_stops_the_run_with_a_clear_error(tmp_path: Path) -> No
     for line in proc.stdout:
         if "first optimizer step done" in line:
             break
-    victim = max(spawned_workers(parent=proc.pid))  # not another test's worker
+    victim = max(spawned_workers(tmp_path, parent=proc.pid))  # not another test's worker
     os.kill(victim, signal.SIGKILL)
     started = time.monotonic()
     _, stderr = proc.communicate(timeout=120)
@@ -216,7 +219,7 @@ def test_killing_one_rank_stops_the_run_with_a_clear_error(tmp_path: Path) -> No
     errors = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "SIGKILL" in errors[0], stderr[-2000:]
     assert "Traceback" not in stderr
-    assert spawned_workers() - before == set()
+    assert spawned_workers(tmp_path) - before == set()
 
 
 def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(
@@ -257,7 +260,7 @@ NAN_ON_RANK_1 = [
 def test_a_nan_on_one_rank_stops_every_rank_with_one_clear_error(tmp_path: Path) -> None:
     """The other rank must not wait in a gradient all-reduce until the group times out."""
     require_data()
-    before = spawned_workers()
+    before = spawned_workers(tmp_path)
     started = time.monotonic()
     done = run_cli(
         [
@@ -282,7 +285,7 @@ def test_a_nan_on_one_rank_stops_every_rank_with_one_clear_error(tmp_path: Path)
     last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert last["global_step"] == 5
     assert all(torch.isfinite(t).all() for t in last["model"].values())
-    assert spawned_workers() - before == set()
+    assert spawned_workers(tmp_path) - before == set()
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

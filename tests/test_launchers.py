@@ -92,7 +92,7 @@ def test_signal_to_the_launcher_of_two_workers_saves_and_exits_75(
     """Alone or with its process group (the workers then get it twice: directly and
     forwarded), the launcher's signal ends in one save, one line and exit 75."""
     require_data()
-    before = spawned_workers()
+    before = spawned_workers(tmp_path)
     cmd = [sys.executable, str(REPO / "train.py"), *RUN, "trainer.devices=2", "hydra.run.dir=run"]
     proc, seen = start(cmd, tmp_path), []
     wait_for(proc, "first optimizer step done", seen)
@@ -110,26 +110,26 @@ def test_signal_to_the_launcher_of_two_workers_saves_and_exits_75(
     saved = preempted[0].split(" to ")[1].split(";")[0]
     assert Path(saved).is_file() and not (run / "results.json").exists()
     assert (run / PREEMPTED_MARKER).read_text().strip() == preempted[0][len("preempted: ") :]
-    assert spawned_workers() - before == set(), "workers outlived their launcher"
+    assert spawned_workers(tmp_path) - before == set(), "workers outlived their launcher"
 
 
 def test_workers_die_with_a_sigkilled_launcher_and_resume_continues(tmp_path: Path) -> None:
     require_data()
-    before = spawned_workers()
+    before = spawned_workers(tmp_path)
     cmd = [sys.executable, str(REPO / "train.py"), *RUN, "trainer.devices=2"]
     cmd += ["checkpoint.every_n_steps=4", "hydra.run.dir=run"]
     proc, seen = start(cmd, tmp_path), []
     wait_for(proc, "first optimizer step done", seen)
     while not list((tmp_path / "run" / "checkpoints").glob("step_*.pt")):
         time.sleep(0.05)
-    workers = spawned_workers() - before
+    workers = spawned_workers(tmp_path) - before
     assert len(workers) == 2
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
-    while spawned_workers() & workers and time.monotonic() < deadline:
+    while spawned_workers(tmp_path) & workers and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not spawned_workers() & workers, "workers outlived their SIGKILLed launcher"
+    assert not spawned_workers(tmp_path) & workers, "workers outlived their SIGKILLed launcher"
     assert not (tmp_path / "run" / "results.json").exists()
     done = run_cli([*cmd[1:], "resume=auto"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
