@@ -48,9 +48,8 @@ def test_two_ranks_match_one_process_with_double_batch(
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the workers share the cores out
     common = [*TINY, "trainer.limit_train_batches=12", "model.dropout=0.0"]
     train(make_config(*common, "data.batch_size=64", output_dir=tmp_path / "one"))
-    train(
-        make_config(*common, "data.batch_size=32", "trainer.devices=2", output_dir=tmp_path / "two")
-    )
+    two_ranks = readme_args("python train.py", "trainer.devices=2")  # the README's line
+    train(make_config(*common, "data.batch_size=32", *two_ranks, output_dir=tmp_path / "two"))
     one = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
     two = load_checkpoint(tmp_path / "two" / "checkpoints" / "last.pt")
     assert one["global_step"] == two["global_step"] == 12
@@ -231,7 +230,8 @@ def test_fsdp_matches_one_process_and_its_checkpoint_loads_anywhere(
     common = [*TINY, "trainer.limit_train_batches=10", "model.dropout=0.0", "trainer.max_epochs=2"]
     common.append("optimizer=sgd")
     train(make_config(*common, "data.batch_size=64", output_dir=tmp_path / "one"))
-    fsdp = [*common, "data.batch_size=32", "trainer.devices=2", "trainer.strategy=fsdp"]
+    fsdp = [*common, "data.batch_size=32"]
+    fsdp += readme_args("python train.py", "trainer.devices=2", "trainer.strategy=fsdp")  # README
     train(make_config(*fsdp, "trainer.stop_at=0", output_dir=tmp_path / "half"))
     ckpt = tmp_path / "half" / "checkpoints" / "last.pt"
     # Resume the FSDP run from its epoch-1 checkpoint: full state goes back into the shards.

@@ -106,6 +106,16 @@ RULES = [
         " runs it",
     ),
     Rule(
+        r"^python train\.py trainer\.devices=2$",
+        skip="tests/test_distributed.py::test_two_ranks_match_one_process_with_double_batch "
+        "runs it (in-process, as tests/test_launchers.py runs its own CLI runs of two ranks)",
+    ),
+    Rule(
+        r"^python train\.py trainer\.devices=2 trainer\.strategy=fsdp$",
+        skip="tests/test_distributed.py::test_fsdp_matches_one_process_and_its_checkpoint_loads_"
+        "anywhere runs it (in-process)",
+    ),
+    Rule(
         r"^python train\.py -m hydra/launcher=submitit_local optimizer\.lr=1e-3,3e-3$",
         skip="tests/test_sweep.py::test_submitit_local_launcher_runs_two_jobs runs it",
     ),
@@ -190,13 +200,16 @@ def readme_args(start: str, *words: str) -> list[str]:
     """The arguments after `start` of the one README command that starts with it and holds
     each of `words`: for a test that runs that command with assertions of its own (the
     README case then skips it, naming that test)."""
+    skip = len(shlex.split(start))
     found = [
-        c
+        shlex.split(c)[skip:]
         for c in dict.fromkeys(readme_commands())
         if c.startswith(start + " ") and all(w in shlex.split(c) for w in words)
     ]
+    if len(found) > 1:  # the one with these words only
+        found = [args for args in found if args == list(words)]
     assert len(found) == 1, f"README commands starting {start!r} with {words}: {found}"
-    return shlex.split(found[0])[len(shlex.split(start)) :]
+    return found[0]
 
 
 def rule_for(command: str) -> Rule | None:
