@@ -109,7 +109,10 @@ def test_console_scripts_work_from_a_non_editable_install(tmp_path: Path) -> Non
     require_data()
     wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", wheel_dir, REPO],
+        # With this environment's setuptools (a dev requirement): an isolated build env
+        # would install it again first.
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+        + ["-w", wheel_dir, REPO],
         check=True,
         capture_output=True,
     )
