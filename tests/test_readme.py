@@ -203,7 +203,7 @@ def readme_args(start: str, *words: str) -> list[str]:
     skip = len(shlex.split(start))
     found = [
         shlex.split(c)[skip:]
-        for c in dict.fromkeys(readme_commands())
+        for c in COMMANDS
         if c.startswith(start + " ") and all(w in shlex.split(c) for w in words)
     ]
     if len(found) > 1:  # the one with these words only
