@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
-from tests.test_readme import readme_args
+from tests.readme_commands import readme_args
 from trainer.checkpoint.io import load_checkpoint
 from trainer.distributed.launch import threads_per_worker
 from trainer.errors import CheckpointError
@@ -36,9 +36,9 @@ def spawned_workers(under: Path, parent: int | None = None) -> set[int]:
                 cwd = Path(os.readlink(proc / "cwd"))
             except (OSError, IndexError, ValueError):
                 continue
-            if b"multiprocessing.spawn" in cmdline and parent in (None, ppid):
-                if cwd == under or under in cwd.parents:
-                    pids.add(int(proc.name))
+            mine = cwd == under or under in cwd.parents
+            if b"multiprocessing.spawn" in cmdline and parent in (None, ppid) and mine:
+                pids.add(int(proc.name))
     return pids
 
 

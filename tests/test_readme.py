@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require_data, run_cli
+from tests.readme_commands import COMMANDS
 from tests.tensorboard_server import served
 
 # A run cut to one epoch of a few batches, whatever the command or its experiment set.
@@ -185,38 +186,8 @@ PROVIDERS = {
 RUN_PATH = re.compile(r"(?:^|[\s=])((?:outputs|multirun)/(?:<date>/<time>|[\w.-]+))")
 
 
-def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            line = re.sub(r"\s+", " ", line.split("  #")[0]).strip()
-            if line and not line.startswith("#"):
-                commands.append(line)
-    return commands
-
-
-def readme_args(start: str, *words: str) -> list[str]:
-    """The arguments after `start` of the one README command that starts with it and holds
-    each of `words`: for a test that runs that command with assertions of its own (the
-    README case then skips it, naming that test)."""
-    skip = len(shlex.split(start))
-    found = [
-        shlex.split(c)[skip:]
-        for c in COMMANDS
-        if c.startswith(start + " ") and all(w in shlex.split(c) for w in words)
-    ]
-    if len(found) > 1:  # the one with these words only
-        found = [args for args in found if args == list(words)]
-    assert len(found) == 1, f"README commands starting {start!r} with {words}: {found}"
-    return found[0]
-
-
 def rule_for(command: str) -> Rule | None:
     return next((r for r in RULES if re.search(r.pattern, command)), None)
-
-
-COMMANDS = list(dict.fromkeys(readme_commands()))  # a repeated command runs once
 
 
 def test_readme_has_the_two_fresh_machine_commands() -> None:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import DATA_DIR, REPO, require_data, run_cli
+from tests.readme_commands import readme_args
 from trainer.checkpoint.io import load_checkpoint
 
 # Marks (and needs) a running cluster: skipped with the reason where there is none.
@@ -104,8 +105,6 @@ def start_sweep() -> Iterator[Callable[..., subprocess.Popen]]:
 def readme_sweep(run_id_or_option: str) -> list[str]:
     """The overrides of the README's SLURM line that holds this option (a test runs each;
     the README's own test skips them)."""
-    from tests.test_readme import readme_args
-
     return readme_args("python train.py -m", *LAUNCHER, run_id_or_option)
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, require_data, run_cli
+from tests.readme_commands import readme_args
 from tests.sweep_helpers import REPORT, job_folders, report, results
-from tests.test_readme import readme_args
 from trainer.sweep.callback import sweep_subdir
 
 TRAIN = str(REPO / "train.py")
